@@ -1,0 +1,69 @@
+/*
+ * sg: PostgreSQL on nginx's event loop.
+ *
+ * A small pool of non-blocking libpq connections per worker plus one
+ * connection that only LISTENs.  Every query is answered exactly once
+ * through its handler: with a result, with an error, or with a timeout.
+ * Connections that fail are dropped and reconnected with backoff.
+ */
+
+#ifndef _SG_PG_H_INCLUDED_
+#define _SG_PG_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_event.h>
+#include <libpq-fe.h>
+
+
+#define SG_PG_MAX_PARAMS      16
+#define SG_PG_MAX_PENDING     4096
+#define SG_PG_MAX_CHANNELS    8
+#define SG_PG_BACKOFF_MIN     100
+#define SG_PG_BACKOFF_MAX     5000
+
+
+typedef struct sg_pg_pool_s  sg_pg_pool_t;
+
+/*
+ * res is a PGRES_TUPLES_OK or PGRES_COMMAND_OK result (freed after the
+ * handler returns) and err is NULL; or res is NULL and err says why.
+ * sqlstate is set for server errors ("23503" ...), else "".
+ */
+typedef void (*sg_pg_handler_pt)(void *data, PGresult *res, const char *err,
+    const char *sqlstate);
+
+typedef void (*sg_pg_notify_pt)(void *data, const char *channel,
+    const char *payload);
+
+/* called when the LISTEN connection is (re)established */
+typedef void (*sg_pg_listen_up_pt)(void *data);
+
+
+sg_pg_pool_t *sg_pg_pool_create(ngx_cycle_t *cycle, ngx_str_t *conninfo,
+    ngx_uint_t size, ngx_msec_t timeout, ngx_msec_t connect_timeout);
+void sg_pg_pool_destroy(sg_pg_pool_t *pool);
+
+/*
+ * NGX_OK: the handler will be called later.  NGX_DECLINED: PostgreSQL is
+ * unavailable now (no connection up or connecting); NGX_BUSY: too many
+ * queries waiting; NGX_ERROR: out of memory.  The handler is not called
+ * for any of these.  Parameters are copied.  With nparams == 0 the text
+ * may hold several statements (one implicit transaction).
+ */
+ngx_int_t sg_pg_query(sg_pg_pool_t *pool, const char *sql,
+    ngx_uint_t nparams, const char *const *params, sg_pg_handler_pt handler,
+    void *data);
+
+ngx_int_t sg_pg_listen(sg_pg_pool_t *pool, const char *channel,
+    sg_pg_notify_pt handler, void *data);
+void sg_pg_on_listen_up(sg_pg_pool_t *pool, sg_pg_listen_up_pt handler,
+    void *data);
+
+/* connections currently up (idle or busy), not counting the listener */
+ngx_uint_t sg_pg_up(sg_pg_pool_t *pool);
+const char *sg_pg_last_error(sg_pg_pool_t *pool);
+
+
+#endif /* _SG_PG_H_INCLUDED_ */

@@ -1,0 +1,86 @@
+/*
+ * sg: the HTTPS admin module.  Shared declarations of its files.
+ */
+
+#ifndef _NGX_HTTP_SGADMIN_H_INCLUDED_
+#define _NGX_HTTP_SGADMIN_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include <jansson.h>
+
+#include "sg_core.h"
+
+
+#define NGX_HTTP_SGADMIN_ROLE_NONE       0
+#define NGX_HTTP_SGADMIN_ROLE_READ       1
+#define NGX_HTTP_SGADMIN_ROLE_ADMIN      2
+
+#define NGX_HTTP_SGADMIN_MAX_TOKEN       256
+#define NGX_HTTP_SGADMIN_MAX_ERRORS      32
+
+
+typedef struct ngx_http_sgadmin_ctx_s  ngx_http_sgadmin_ctx_t;
+
+typedef void (*ngx_http_sgadmin_handler_pt)(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
+
+typedef struct {
+    ngx_uint_t                    method;      /* NGX_HTTP_GET ... */
+    ngx_str_t                     path;        /* after /api/v1 */
+    ngx_uint_t                    role;        /* who may call it */
+    ngx_http_sgadmin_handler_pt   handler;
+} ngx_http_sgadmin_route_t;
+
+
+struct ngx_http_sgadmin_ctx_s {
+    ngx_http_request_t           *request;
+    const ngx_http_sgadmin_route_t  *route;
+
+    json_t                       *body;        /* parsed JSON, or NULL */
+
+    int64_t                       token_id;
+    ngx_uint_t                    role;
+    u_char                        actor[80];   /* "token:NAME" */
+    u_char                        client[NGX_SOCKADDR_STRLEN + 1];
+
+    /* health */
+    ngx_uint_t                    waiting;
+    double                        started_pg;
+    double                        started_redis;
+    json_t                        *result;
+
+    unsigned                      finished:1;
+};
+
+
+typedef struct {
+    ngx_flag_t                    enable;
+    ngx_flag_t                    require_https;
+    size_t                        max_body_size;
+} ngx_http_sgadmin_loc_conf_t;
+
+
+extern ngx_module_t  ngx_http_sgadmin_module;
+
+
+/* answers and finalizes the request */
+void ngx_http_sgadmin_send_json(ngx_http_request_t *r, ngx_uint_t status,
+    json_t *body);
+void ngx_http_sgadmin_send_text(ngx_http_request_t *r, ngx_uint_t status,
+    const char *json, size_t len, ngx_str_t *etag);
+void ngx_http_sgadmin_problem(ngx_http_request_t *r, ngx_uint_t status,
+    const char *type, const char *detail, json_t *errors);
+void ngx_http_sgadmin_db_error(ngx_http_request_t *r, const char *err);
+double ngx_http_sgadmin_now_ms(void);
+
+void ngx_http_sgadmin_settings_get(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_settings_patch(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
+
+#endif /* _NGX_HTTP_SGADMIN_H_INCLUDED_ */
