@@ -28,13 +28,13 @@ check-nginx:
 	 if [ "$$have" != "$$want" ]; then \
 	     echo "error: nginx is $$have but nginx-dev is $$want: install matching versions" >&2; exit 1; fi
 
-$(NGX_BUILD)/Makefile: $(NGINX_SRC)/conf_flags config | check-nginx
+$(NGX_BUILD)/objs/Makefile: $(NGINX_SRC)/conf_flags config | check-nginx
 	rm -rf $(NGX_BUILD) && mkdir -p $(BUILD) && cp -r $(NGINX_SRC) $(NGX_BUILD)
 	cd $(NGX_BUILD) && . ./conf_flags && \
 	    ./configure "$${NGX_CONF_FLAGS[@]}" --add-dynamic-module=$(CURDIR) \
 	    > configure.log 2>&1 || { tail -5 configure.log >&2; exit 1; }
 
-$(MODULE): $(NGX_BUILD)/Makefile $(SOURCES)
+$(MODULE): $(NGX_BUILD)/objs/Makefile $(SOURCES)
 	$(MAKE) -s -C $(NGX_BUILD) -f objs/Makefile objs/ngx_sg_module.so
 	cp $(NGX_BUILD)/objs/ngx_sg_module.so $@
 

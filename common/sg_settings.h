@@ -61,6 +61,9 @@ int sg_settings_from_json(json_t *doc, sg_settings_t *s);
 
 void sg_settings_defaults(sg_settings_t *s);
 
+/* a copy of the known fields in the documented order (for answers) */
+json_t *sg_settings_ordered(json_t *doc);
+
 
 #ifdef _NGX_CORE_H_INCLUDED_
 

@@ -362,3 +362,40 @@ sg_settings_from_json(json_t *doc, sg_settings_t *s)
 
     return 0;
 }
+
+
+static json_t *
+sg_set_ordered(json_t *obj, const sg_set_field_t *fields)
+{
+    json_t                *out, *v;
+    const sg_set_field_t  *f;
+
+    out = json_object();
+    if (out == NULL) {
+        return NULL;
+    }
+
+    for (f = fields; f->name; f++) {
+        v = json_object_get(obj, f->name);
+
+        if (v == NULL) {
+            continue;
+        }
+
+        if (f->type == SG_SET_OBJECT && json_is_object(v)) {
+            json_object_set_new(out, f->name, sg_set_ordered(v, f->fields));
+
+        } else {
+            json_object_set(out, f->name, v);
+        }
+    }
+
+    return out;
+}
+
+
+json_t *
+sg_settings_ordered(json_t *doc)
+{
+    return sg_set_ordered(doc, sg_set_root);
+}

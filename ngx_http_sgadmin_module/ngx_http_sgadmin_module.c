@@ -515,9 +515,7 @@ ngx_http_sgadmin_health_item(ngx_uint_t ok, double latency, const char *err)
 
     json_object_set_new(o, "ok", json_boolean(ok));
     json_object_set_new(o, "latency_ms",
-                        ok ? json_real((double) ((long) (latency * 1000))
-                                       / 1000)
-                           : json_null());
+                        ok ? json_real(latency) : json_null());
     json_object_set_new(o, "error", err ? json_string(err) : json_null());
 
     return o;
@@ -740,7 +738,8 @@ ngx_http_sgadmin_send_json(ngx_http_request_t *r, ngx_uint_t status,
 {
     char  *text;
 
-    text = json_dumps(body, JSON_COMPACT|JSON_PRESERVE_ORDER);
+    text = json_dumps(body, JSON_COMPACT|JSON_PRESERVE_ORDER
+                           |JSON_REAL_PRECISION(6));
 
     if (text == NULL) {
         ngx_http_sgadmin_send_text(r, NGX_HTTP_INTERNAL_SERVER_ERROR,

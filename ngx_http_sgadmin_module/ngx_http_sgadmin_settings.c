@@ -131,8 +131,9 @@ ngx_http_sgadmin_settings_done(void *data, PGresult *res, const char *err,
 {
     ngx_http_sgadmin_ctx_t  *ctx = data;
     ngx_http_request_t      *r;
+    char                    *text;
     ngx_str_t                etag;
-    json_t                  *errors, *e;
+    json_t                  *errors, *e, *doc, *ordered;
 
     r = ctx->request;
 
@@ -180,7 +181,21 @@ ngx_http_sgadmin_settings_done(void *data, PGresult *res, const char *err,
         ngx_sprintf(etag.data, "\"%s\"", PQgetvalue(res, 0, 1));
     }
 
-    ngx_http_sgadmin_send_text(r, NGX_HTTP_OK, PQgetvalue(res, 0, 0),
-                               PQgetlength(res, 0, 0),
+    doc = json_loads(PQgetvalue(res, 0, 0), 0, NULL);
+    ordered = doc ? sg_settings_ordered(doc) : NULL;
+    text = ordered ? json_dumps(ordered, JSON_PRESERVE_ORDER) : NULL;
+
+    json_decref(doc);
+    json_decref(ordered);
+
+    if (text == NULL) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", "cannot encode the settings",
+                                 NULL);
+        return;
+    }
+
+    ngx_http_sgadmin_send_text(r, NGX_HTTP_OK, text, ngx_strlen(text),
                                etag.data ? &etag : NULL);
+    free(text);
 }
