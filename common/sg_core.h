@@ -26,6 +26,11 @@ typedef struct {
     ngx_msec_t           redis_timeout;
 
     ngx_msec_t           settings_poll;
+
+    /* outbound (delivery, MTA-STS fetches): kept here for every module */
+    ngx_str_t            resolver;          /* ip[:port], or "" */
+    ngx_str_t            trusted_ca;        /* extra CAs, PEM file */
+    ngx_str_t            dnssec_trust_anchor;
 } sg_core_conf_t;
 
 

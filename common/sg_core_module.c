@@ -15,6 +15,9 @@
 static void *sg_core_create_conf(ngx_cycle_t *cycle);
 static char *sg_core_init_conf(ngx_cycle_t *cycle, void *conf);
 static ngx_int_t sg_core_init_process(ngx_cycle_t *cycle);
+static char *sg_core_resolver(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *sg_core_file(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static void sg_core_exit_process(ngx_cycle_t *cycle);
 
 
@@ -70,6 +73,27 @@ static ngx_command_t  sg_core_commands[] = {
       ngx_conf_set_msec_slot,
       0,
       offsetof(sg_core_conf_t, settings_poll),
+      NULL },
+
+    { ngx_string("sg_resolver"),
+      NGX_MAIN_CONF|NGX_DIRECT_CONF|NGX_CONF_TAKE1,
+      sg_core_resolver,
+      0,
+      offsetof(sg_core_conf_t, resolver),
+      NULL },
+
+    { ngx_string("sg_trusted_ca"),
+      NGX_MAIN_CONF|NGX_DIRECT_CONF|NGX_CONF_TAKE1,
+      sg_core_file,
+      0,
+      offsetof(sg_core_conf_t, trusted_ca),
+      NULL },
+
+    { ngx_string("sg_dnssec_trust_anchor"),
+      NGX_MAIN_CONF|NGX_DIRECT_CONF|NGX_CONF_TAKE1,
+      sg_core_file,
+      0,
+      offsetof(sg_core_conf_t, dnssec_trust_anchor),
       NULL },
 
       ngx_null_command
@@ -141,6 +165,69 @@ sg_core_init_conf(ngx_cycle_t *cycle, void *conf)
     if (scf->pg_pool_size < 1 || scf->pg_pool_size > 64) {
         ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
                       "\"sg_postgres_pool\" must be from 1 to 64");
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* "ip" or "ip:port", IPv6 as "[::1]:53": checked here, used by delivery */
+
+static char *
+sg_core_resolver(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_str_t  *value, *field;
+    ngx_url_t   u;
+
+    field = (ngx_str_t *) ((u_char *) conf + cmd->offset);
+
+    if (field->data) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    ngx_memzero(&u, sizeof(ngx_url_t));
+    u.url = value[1];
+    u.default_port = 53;
+    u.no_resolve = 1;
+
+    if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.naddrs != 1) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid resolver \"%V\": an IP address with an"
+                           " optional port is required", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    *field = value[1];
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+sg_core_file(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_str_t        *value, *field;
+    ngx_file_info_t   fi;
+
+    field = (ngx_str_t *) ((u_char *) conf + cmd->offset);
+
+    if (field->data) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    *field = value[1];
+
+    if (ngx_conf_full_name(cf->cycle, field, 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_file_info(field->data, &fi) == NGX_FILE_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "cannot read \"%V\"", field);
         return NGX_CONF_ERROR;
     }
 
