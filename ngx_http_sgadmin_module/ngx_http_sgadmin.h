@@ -39,6 +39,7 @@ typedef struct {
 struct ngx_http_sgadmin_ctx_s {
     ngx_http_request_t           *request;
     const ngx_http_sgadmin_route_t  *route;
+    ngx_str_t                     param;       /* the {...} of the path */
 
     json_t                       *body;        /* parsed JSON, or NULL */
 

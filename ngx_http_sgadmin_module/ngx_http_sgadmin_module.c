@@ -16,6 +16,8 @@
 
 
 static ngx_int_t ngx_http_sgadmin_handler(ngx_http_request_t *r);
+static ngx_uint_t ngx_http_sgadmin_match(const ngx_str_t *pattern,
+    ngx_str_t *path, ngx_str_t *param);
 static void ngx_http_sgadmin_body_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_sgadmin_read_json(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
@@ -161,9 +163,7 @@ ngx_http_sgadmin_handler(ngx_http_request_t *r)
         path.len = r->uri.len - (sizeof(NGX_HTTP_SGADMIN_PREFIX) - 1);
 
         for (route = ngx_http_sgadmin_routes; route->handler; route++) {
-            if (route->path.len == path.len
-                && ngx_strncmp(route->path.data, path.data, path.len) == 0)
-            {
+            if (ngx_http_sgadmin_match(&route->path, &path, &ctx->param)) {
                 path_found = 1;
 
                 if (route->method == r->method
@@ -250,6 +250,58 @@ ngx_http_sgadmin_handler(ngx_http_request_t *r)
     ngx_http_sgadmin_authenticate(r, ctx);
 
     return NGX_DONE;
+}
+
+
+/*
+ * "/a/{id}/b" matches "/a/17/b" and sets param to "17": one "{...}"
+ * segment per pattern, holding no '/'.
+ */
+
+static ngx_uint_t
+ngx_http_sgadmin_match(const ngx_str_t *pattern, ngx_str_t *path,
+    ngx_str_t *param)
+{
+    u_char  *p, *pe, *u, *ue, *seg;
+
+    p = pattern->data;
+    pe = p + pattern->len;
+    u = path->data;
+    ue = u + path->len;
+
+    while (p < pe && u < ue) {
+
+        if (*p == '{') {
+            while (p < pe && *p != '}') {
+                p++;
+            }
+
+            if (p == pe) {
+                return 0;
+            }
+
+            p++;
+            seg = u;
+
+            while (u < ue && *u != '/') {
+                u++;
+            }
+
+            if (u == seg) {
+                return 0;
+            }
+
+            param->data = seg;
+            param->len = u - seg;
+            continue;
+        }
+
+        if (*p++ != *u++) {
+            return 0;
+        }
+    }
+
+    return p == pe && u == ue;
 }
 
 
