@@ -10,6 +10,7 @@
 
 #include "sg_core.h"
 #include "sg_tls.h"
+#include "sg_lists.h"
 
 
 static void *sg_core_create_conf(ngx_cycle_t *cycle);
@@ -279,6 +280,10 @@ sg_core_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
+    if (sg_lists_init_worker(cycle, scf->settings_poll) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return NGX_OK;
 }
 
@@ -287,6 +292,7 @@ static void
 sg_core_exit_process(ngx_cycle_t *cycle)
 {
     sg_settings_exit_worker();
+    sg_lists_exit_worker();
     sg_tls_exit_worker();
 
     sg_redis_destroy(sg_worker.redis);

@@ -32,7 +32,10 @@ struct sg_pg_query_s {
     char                *sql;
     ngx_uint_t           nparams;
     char                *params[SG_PG_MAX_PARAMS];
+    int                  lengths[SG_PG_MAX_PARAMS];
+    int                  formats[SG_PG_MAX_PARAMS];
     unsigned             internal:1;
+    unsigned             borrowed:1;    /* params are the caller's */
 };
 
 
@@ -71,8 +74,6 @@ struct sg_pg_pool_s {
     ngx_uint_t           npending;
     sg_pg_channel_t      channels[SG_PG_MAX_CHANNELS];
     ngx_uint_t           nchannels;
-    sg_pg_listen_up_pt   listen_up;
-    void                *listen_up_data;
     char                 last_error[256];
     unsigned             destroyed:1;
 };
@@ -89,6 +90,7 @@ static void sg_pg_unwrap(sg_pg_conn_t *pc);
 static ngx_int_t sg_pg_want(sg_pg_conn_t *pc, ngx_uint_t read,
     ngx_uint_t write);
 static void sg_pg_dispatch(sg_pg_pool_t *pool);
+static void sg_pg_enqueue(sg_pg_pool_t *pool, sg_pg_query_t *q);
 static ngx_int_t sg_pg_send(sg_pg_conn_t *pc, sg_pg_query_t *q);
 static void sg_pg_finish(sg_pg_query_t *q, PGresult *res, const char *err,
     const char *sqlstate);
@@ -223,9 +225,71 @@ sg_pg_query(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
     }
 
     q->nparams = nparams;
-    q->pool = pool;
     q->handler = handler;
     q->data = data;
+
+    sg_pg_enqueue(pool, q);
+
+    return NGX_OK;
+}
+
+
+ngx_int_t
+sg_pg_query_params(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
+    const sg_pg_param_t *params, sg_pg_handler_pt handler, void *data)
+{
+    size_t          len;
+    ngx_uint_t      i;
+    sg_pg_query_t  *q;
+
+    if (pool == NULL || pool->destroyed) {
+        return NGX_DECLINED;
+    }
+
+    if (sg_pg_up(pool) == 0 && sg_pg_connecting(pool) == 0) {
+        return NGX_DECLINED;
+    }
+
+    if (pool->npending >= SG_PG_MAX_PENDING || nparams > SG_PG_MAX_PARAMS) {
+        return NGX_BUSY;
+    }
+
+    q = ngx_calloc(sizeof(sg_pg_query_t), pool->log);
+    if (q == NULL) {
+        return NGX_ERROR;
+    }
+
+    len = ngx_strlen(sql) + 1;
+    q->sql = ngx_alloc(len, pool->log);
+    if (q->sql == NULL) {
+        ngx_free(q);
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(q->sql, sql, len);
+
+    q->borrowed = 1;
+
+    for (i = 0; i < nparams; i++) {
+        q->params[i] = (char *) params[i].data;
+        q->lengths[i] = (int) params[i].len;
+        q->formats[i] = params[i].binary;
+    }
+
+    q->nparams = nparams;
+    q->handler = handler;
+    q->data = data;
+
+    sg_pg_enqueue(pool, q);
+
+    return NGX_OK;
+}
+
+
+static void
+sg_pg_enqueue(sg_pg_pool_t *pool, sg_pg_query_t *q)
+{
+    q->pool = pool;
     q->timer.handler = sg_pg_query_timeout;
     q->timer.data = q;
     q->timer.log = pool->log;
@@ -237,8 +301,6 @@ sg_pg_query(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
     pool->npending++;
 
     sg_pg_dispatch(pool);
-
-    return NGX_OK;
 }
 
 
@@ -269,14 +331,6 @@ sg_pg_listen(sg_pg_pool_t *pool, const char *channel, sg_pg_notify_pt handler,
     }
 
     return NGX_OK;
-}
-
-
-void
-sg_pg_on_listen_up(sg_pg_pool_t *pool, sg_pg_listen_up_pt handler, void *data)
-{
-    pool->listen_up = handler;
-    pool->listen_up_data = data;
 }
 
 
@@ -736,8 +790,8 @@ sg_pg_send(sg_pg_conn_t *pc, sg_pg_query_t *q)
 
     } else {
         rc = PQsendQueryParams(pc->conn, q->sql, (int) q->nparams, NULL,
-                               (const char *const *) q->params, NULL, NULL,
-                               0);
+                               (const char *const *) q->params, q->lengths,
+                               q->formats, 0);
     }
 
     if (rc == 0) {
@@ -897,7 +951,7 @@ sg_pg_finish(sg_pg_query_t *q, PGresult *res, const char *err,
         q->handler(q->data, res, err, sqlstate ? sqlstate : "");
     }
 
-    for (i = 0; i < q->nparams; i++) {
+    for (i = 0; !q->borrowed && i < q->nparams; i++) {
         if (q->params[i]) {
             ngx_free(q->params[i]);
         }
@@ -961,6 +1015,7 @@ sg_pg_listen_send(sg_pg_conn_t *pc)
 {
     u_char          *p;
     ngx_uint_t       i;
+
     sg_pg_pool_t    *pool;
     sg_pg_query_t   *q;
     u_char           sql[SG_PG_MAX_CHANNELS * 80 + 1];
@@ -1006,8 +1061,9 @@ sg_pg_listen_send(sg_pg_conn_t *pc)
 
     /* notifications sent while we were away are lost: let owners reload */
 
-    if (pool->listen_up) {
-        pool->listen_up(pool->listen_up_data);
+    for (i = 0; i < pool->nchannels; i++) {
+        pool->channels[i].handler(pool->channels[i].data,
+                                  pool->channels[i].name, NULL);
     }
 }
 

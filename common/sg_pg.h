@@ -34,11 +34,20 @@ typedef struct sg_pg_pool_s  sg_pg_pool_t;
 typedef void (*sg_pg_handler_pt)(void *data, PGresult *res, const char *err,
     const char *sqlstate);
 
+/*
+ * payload is NULL when the LISTEN connection has just been (re)established:
+ * notifications may have been missed, reload.
+ */
 typedef void (*sg_pg_notify_pt)(void *data, const char *channel,
     const char *payload);
 
-/* called when the LISTEN connection is (re)established */
-typedef void (*sg_pg_listen_up_pt)(void *data);
+
+/* a parameter that is not copied: it must live until the handler runs */
+typedef struct {
+    const char          *data;      /* NULL: SQL NULL */
+    size_t               len;
+    unsigned             binary:1;
+} sg_pg_param_t;
 
 
 sg_pg_pool_t *sg_pg_pool_create(ngx_cycle_t *cycle, ngx_str_t *conninfo,
@@ -56,10 +65,17 @@ ngx_int_t sg_pg_query(sg_pg_pool_t *pool, const char *sql,
     ngx_uint_t nparams, const char *const *params, sg_pg_handler_pt handler,
     void *data);
 
+/*
+ * Like sg_pg_query, but the parameters are the caller's (not copied, may be
+ * binary): big values (message bodies) are not duplicated while queries
+ * wait for a connection.
+ */
+ngx_int_t sg_pg_query_params(sg_pg_pool_t *pool, const char *sql,
+    ngx_uint_t nparams, const sg_pg_param_t *params,
+    sg_pg_handler_pt handler, void *data);
+
 ngx_int_t sg_pg_listen(sg_pg_pool_t *pool, const char *channel,
     sg_pg_notify_pt handler, void *data);
-void sg_pg_on_listen_up(sg_pg_pool_t *pool, sg_pg_listen_up_pt handler,
-    void *data);
 
 /* connections currently up (idle or busy), not counting the listener */
 ngx_uint_t sg_pg_up(sg_pg_pool_t *pool);

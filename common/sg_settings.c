@@ -25,7 +25,6 @@ static void sg_settings_loaded(void *data, PGresult *res, const char *err,
     const char *sqlstate);
 static void sg_settings_notify(void *data, const char *channel,
     const char *payload);
-static void sg_settings_listen_up(void *data);
 static void sg_settings_poll_handler(ngx_event_t *ev);
 
 
@@ -63,7 +62,6 @@ sg_settings_init_worker(ngx_cycle_t *cycle, ngx_msec_t poll)
         return NGX_ERROR;
     }
 
-    sg_pg_on_listen_up(sg_worker.pg, sg_settings_listen_up, NULL);
 
     sg_settings_poll.handler = sg_settings_poll_handler;
     sg_settings_poll.data = &sg_settings_dummy;
@@ -196,13 +194,6 @@ done:
 
 static void
 sg_settings_notify(void *data, const char *channel, const char *payload)
-{
-    sg_settings_reload();
-}
-
-
-static void
-sg_settings_listen_up(void *data)
 {
     sg_settings_reload();
 }
