@@ -17,7 +17,7 @@
 #include <libpq-fe.h>
 
 
-#define SG_PG_MAX_PARAMS      16
+#define SG_PG_MAX_PARAMS      24
 #define SG_PG_MAX_PENDING     4096
 #define SG_PG_MAX_CHANNELS    8
 #define SG_PG_BACKOFF_MIN     100

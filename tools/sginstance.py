@@ -626,6 +626,12 @@ mail {{
         listen {smtp_listen};
         protocol sg_smtp;
         server_name {hostname};
+        # STARTTLS: offered while the tls_enabled setting is on; the active
+        # certificate comes from PostgreSQL, this one is the fallback
+        starttls on;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        sg_smtp_temp_path {p}/tmp/sg_smtp;
 {extra_mail_server}
     }}
 }}
@@ -823,6 +829,13 @@ def _bootstrap(lay, pg):
             secret = create_token(conninfo, "bootstrap", "admin")
             _write_private(lay.token, secret + "\n")
             print("sg: created admin API token in %s" % lay.token)
+
+        # this local instance relays for loopback clients
+        cur.execute("INSERT INTO relay_networks (value, comment) VALUES"
+                    " ('127.0.0.0/8', 'make run: loopback'),"
+                    " ('::1/128', 'make run: loopback')"
+                    " ON CONFLICT (value) DO NOTHING")
+        conn.commit()
     finally:
         conn.close()
 
