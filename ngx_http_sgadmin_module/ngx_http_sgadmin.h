@@ -83,5 +83,10 @@ void ngx_http_sgadmin_settings_get(ngx_http_request_t *r,
 void ngx_http_sgadmin_settings_patch(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 
+void ngx_http_sgadmin_queue_list(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_queue_get(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
 
 #endif /* _NGX_HTTP_SGADMIN_H_INCLUDED_ */

@@ -54,6 +54,12 @@ static const ngx_http_sgadmin_route_t  ngx_http_sgadmin_routes[] = {
     { NGX_HTTP_PATCH, ngx_string("/settings"), NGX_HTTP_SGADMIN_ROLE_ADMIN,
       ngx_http_sgadmin_settings_patch },
 
+    { NGX_HTTP_GET, ngx_string("/queue"), NGX_HTTP_SGADMIN_ROLE_READ,
+      ngx_http_sgadmin_queue_list },
+
+    { NGX_HTTP_GET, ngx_string("/queue/{id}"), NGX_HTTP_SGADMIN_ROLE_READ,
+      ngx_http_sgadmin_queue_get },
+
     { 0, ngx_null_string, 0, NULL }
 };
 
