@@ -36,7 +36,8 @@ $(NGX_BUILD)/objs/Makefile: $(NGINX_SRC)/conf_flags config | check-nginx
 
 $(MODULE): $(NGX_BUILD)/objs/Makefile $(SOURCES)
 	$(MAKE) -s -C $(NGX_BUILD) -f objs/Makefile objs/ngx_sg_module.so
-	cp $(NGX_BUILD)/objs/ngx_sg_module.so $@
+	@# a new inode: running nginx processes keep the object they mapped
+	cp $(NGX_BUILD)/objs/ngx_sg_module.so $@.tmp && mv -f $@.tmp $@
 
 unit:
 	$(MAKE) -s -C tests/unit

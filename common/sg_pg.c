@@ -75,6 +75,8 @@ struct sg_pg_pool_s {
     sg_pg_channel_t      channels[SG_PG_MAX_CHANNELS];
     ngx_uint_t           nchannels;
     char                 last_error[256];
+    ngx_event_t          dispatch;      /* posted: handlers never run
+                                           inside sg_pg_query() */
     unsigned             destroyed:1;
 };
 
@@ -91,6 +93,7 @@ static ngx_int_t sg_pg_want(sg_pg_conn_t *pc, ngx_uint_t read,
     ngx_uint_t write);
 static void sg_pg_dispatch(sg_pg_pool_t *pool);
 static void sg_pg_enqueue(sg_pg_pool_t *pool, sg_pg_query_t *q);
+static void sg_pg_dispatch_handler(ngx_event_t *ev);
 static ngx_int_t sg_pg_send(sg_pg_conn_t *pc, sg_pg_query_t *q);
 static void sg_pg_finish(sg_pg_query_t *q, PGresult *res, const char *err,
     const char *sqlstate);
@@ -128,6 +131,9 @@ sg_pg_pool_create(ngx_cycle_t *cycle, ngx_str_t *conninfo, ngx_uint_t size,
                  "-c statement_timeout=%M%Z", timeout);
 
     pool->log = cycle->log;
+    pool->dispatch.handler = sg_pg_dispatch_handler;
+    pool->dispatch.data = pool;
+    pool->dispatch.log = cycle->log;
     pool->size = size;
     pool->timeout = timeout;
     pool->connect_timeout = connect_timeout;
@@ -161,6 +167,10 @@ sg_pg_pool_destroy(sg_pg_pool_t *pool)
     }
 
     pool->destroyed = 1;
+
+    if (pool->dispatch.posted) {
+        ngx_delete_posted_event(&pool->dispatch);
+    }
 
     sg_pg_fail_pending(pool, "worker is exiting");
 
@@ -300,7 +310,16 @@ sg_pg_enqueue(sg_pg_pool_t *pool, sg_pg_query_t *q)
     ngx_queue_insert_tail(&pool->pending, &q->queue);
     pool->npending++;
 
-    sg_pg_dispatch(pool);
+    if (!pool->dispatch.posted) {
+        ngx_post_event(&pool->dispatch, &ngx_posted_events);
+    }
+}
+
+
+static void
+sg_pg_dispatch_handler(ngx_event_t *ev)
+{
+    sg_pg_dispatch(ev->data);
 }
 
 

@@ -342,17 +342,18 @@ ngx_mail_sg_data_done(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
 
     ngx_mail_sg_content_filter(s, ctx);
 
+    ctx->waiting = 1;
+
     if (ngx_mail_sg_received(s, ctx) != NGX_OK
         || ngx_mail_sg_commit(s, ctx) != NGX_OK)
     {
+        ctx->waiting = 0;
         ngx_mail_sg_reply(s, ctx, "451 4.3.0 Error: queue unavailable,"
                           " message not accepted, try again later");
         ngx_mail_sg_log(s, ctx, "451 queue unavailable");
         ngx_mail_sg_reset(ctx);
         return;
     }
-
-    ctx->waiting = 1;
 }
 
 
