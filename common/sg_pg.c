@@ -401,7 +401,7 @@ sg_pg_connecting(sg_pg_pool_t *pool)
 static void
 sg_pg_set_error(sg_pg_pool_t *pool, const char *err)
 {
-    size_t  len;
+    size_t  i, len;
 
     len = ngx_strlen(err);
 
@@ -409,12 +409,18 @@ sg_pg_set_error(sg_pg_pool_t *pool, const char *err)
         len = sizeof(pool->last_error) - 1;
     }
 
-    ngx_memcpy(pool->last_error, err, len);
+    ngx_memmove(pool->last_error, err, len);
     pool->last_error[len] = '\0';
 
-    /* libpq messages end with a newline */
+    /* libpq messages end with a newline and may span lines: one line */
     while (len && (pool->last_error[len - 1] == '\n')) {
         pool->last_error[--len] = '\0';
+    }
+
+    for (i = 0; i < len; i++) {
+        if ((u_char) pool->last_error[i] < 0x20) {
+            pool->last_error[i] = ' ';
+        }
     }
 }
 
@@ -598,6 +604,12 @@ sg_pg_close(sg_pg_conn_t *pc, const char *why)
     pool = pc->pool;
     was_up = (pc->state >= SG_PG_IDLE);
 
+    /* why may be PQerrorMessage(): keep it before PQfinish() frees it */
+    if (why) {
+        sg_pg_set_error(pool, why);
+        why = pool->last_error;
+    }
+
     if (pc->c) {
         sg_pg_unwrap(pc);
     }
@@ -633,8 +645,6 @@ sg_pg_close(sg_pg_conn_t *pc, const char *why)
         }
         return;
     }
-
-    sg_pg_set_error(pool, why);
 
     ngx_log_error(NGX_LOG_ERR, pool->log, 0,
                   "sg: postgresql connection %ui %s: %s, retrying in %Mms",
@@ -689,6 +699,7 @@ sg_pg_wrap(sg_pg_conn_t *pc)
 static void
 sg_pg_unwrap(sg_pg_conn_t *pc)
 {
+    ngx_uint_t         flags;
     ngx_connection_t  *c;
 
     c = pc->c;
@@ -709,12 +720,20 @@ sg_pg_unwrap(sg_pg_conn_t *pc)
         ngx_delete_posted_event(c->write);
     }
 
+    /*
+     * When libpq has dropped the connection its socket is already closed,
+     * and the kernel has removed it from epoll: only forget the events.
+     */
+
+    flags = (pc->conn == NULL || PQsocket(pc->conn) != c->fd)
+            ? NGX_CLOSE_EVENT : 0;
+
     if (c->read->active) {
-        ngx_del_event(c->read, NGX_READ_EVENT, 0);
+        ngx_del_event(c->read, NGX_READ_EVENT, flags);
     }
 
     if (c->write->active) {
-        ngx_del_event(c->write, NGX_WRITE_EVENT, 0);
+        ngx_del_event(c->write, NGX_WRITE_EVENT, flags);
     }
 
     /* libpq owns the descriptor and closes it */

@@ -1,0 +1,210 @@
+"""Health endpoint, and PostgreSQL / Redis stopped and restarted under a
+running nginx (issue 2, items 3, 5 and 8)."""
+
+import socket
+import time
+
+import pytest
+
+from sgtest import api, read_reply, smtp_dialog
+
+WAIT = 15
+
+
+def health(inst):
+    return api(inst, "GET", "/api/v1/health", token=None)
+
+
+def poll_health(inst, pred, timeout=WAIT):
+    """Poll /api/v1/health until pred(response) holds; return the last
+    response (the caller asserts on it)."""
+    deadline = time.monotonic() + timeout
+    r = None
+    while time.monotonic() < deadline:
+        try:
+            r = health(inst)
+            if pred(r):
+                return r
+        except Exception:
+            pass
+        time.sleep(0.2)
+    return r
+
+
+def check_part(part, ok):
+    assert set(part) >= {"ok", "latency_ms", "error"}, part
+    assert part["ok"] is ok
+    if ok:
+        assert isinstance(part["latency_ms"], (int, float))
+        assert part["latency_ms"] >= 0
+        assert part["error"] is None
+    else:
+        assert isinstance(part["error"], str) and part["error"]
+
+
+def test_health_ok_without_auth(sg):
+    r = health(sg)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("application/json")
+    doc = r.json()
+    assert doc["status"] == "ok"
+    check_part(doc["postgres"], True)
+    check_part(doc["redis"], True)
+    w = doc["worker"]
+    assert isinstance(w["pid"], int) and w["pid"] > 0
+    assert w["settings_loaded"] is True
+    assert isinstance(w["settings_version"], int) and w["settings_version"] > 0
+    assert w["certificate_id"] == sg.certificate_id
+
+
+def test_health_on_plain_http_port(sg):
+    import requests
+    r = requests.get(sg.http_url + "/api/v1/health", timeout=10)
+    assert r.status_code == 200
+    assert r.json()["status"] == "ok"
+
+
+def smtp_mail_from(port):
+    return smtp_dialog(port, ["EHLO client.example", "MAIL FROM:<a@b.example>",
+                              "QUIT"], timeout=10)
+
+
+def test_postgres_down_and_back(sg, pg):
+    # the adapter's own [alert] lines on PostgreSQL loss are covered by
+    # test_postgres_down_no_alert_lines below
+    assert health(sg).status_code == 200
+    assert api(sg, "GET", "/api/v1/settings").status_code == 200
+    pg.stop()
+    try:
+        r = poll_health(sg, lambda r: r.status_code == 503)
+        assert r.status_code == 503
+        doc = r.json()
+        assert doc["status"] == "degraded"
+        assert doc["postgres"]["ok"] is False
+        assert doc["redis"]["ok"] is True
+
+        s = api(sg, "GET", "/api/v1/settings")
+        assert s.status_code == 503
+        assert s.headers["Content-Type"].startswith("application/problem+json")
+        assert s.json()["type"] == "urn:sg:problem:database-unavailable"
+        assert s.json()["status"] == 503
+
+        # greeting and EHLO still work; MAIL is refused temporarily
+        replies = smtp_mail_from(sg.smtp_port)
+        assert replies[0][0] == 220
+        assert replies[1][0] == 250
+        assert replies[2][0] == 451
+        assert replies[2][1][-1].startswith("451 4.3.0")
+        assert replies[3][0] == 221
+    finally:
+        pg.start()
+
+    r = poll_health(sg, lambda r: r.status_code == 200)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "ok"
+    check_part(r.json()["postgres"], True)
+    s = api(sg, "GET", "/api/v1/settings")
+    assert s.status_code == 200
+    assert s.json()["active_certificate_id"] == sg.certificate_id
+
+    with open(sg.error_log, errors="replace") as f:
+        log = f.read()
+    assert "[error]" in log and "postgresql" in log
+
+
+def test_postgres_down_health_has_error_string(sg, pg):
+    pg.stop()
+    try:
+        r = poll_health(sg, lambda r: r.status_code == 503)
+        assert r.status_code == 503
+        check_part(r.json()["postgres"], False)
+    finally:
+        pg.start()
+    poll_health(sg, lambda r: r.status_code == 200)
+
+
+def test_postgres_down_error_log_is_readable(sg, pg):
+    pg.stop()
+    try:
+        poll_health(sg, lambda r: r.status_code == 503)
+        # let the reconnect loop log at least one failure
+        deadline = time.monotonic() + WAIT
+        lines = []
+        while time.monotonic() < deadline:
+            with open(sg.error_log, "rb") as f:
+                lines = [l for l in f.read().splitlines()
+                         if b"postgresql connection" in l and b"failed" in l]
+            if lines:
+                break
+            time.sleep(0.2)
+    finally:
+        pg.start()
+    poll_health(sg, lambda r: r.status_code == 200)
+    assert lines
+    for l in lines:
+        text = l.decode("utf-8")      # raises on garbage
+        assert text.isprintable(), text
+        reason = text.split(" failed: ", 1)[1].split(", retrying", 1)[0]
+        # libpq's reason names the socket or the refusal
+        assert "connect" in reason or "socket" in reason \
+            or "No such file" in reason, text
+
+
+def test_postgres_down_no_alert_lines(sg_instance, pg):
+    inst = sg_instance(workers=2)
+    pg.stop()
+    try:
+        poll_health(inst, lambda r: r.status_code == 503)
+        time.sleep(0.5)
+    finally:
+        pg.start()
+    poll_health(inst, lambda r: r.status_code == 200)
+    problems = inst.problems()
+    assert problems == []
+
+
+def test_smtp_greeting_and_ehlo_do_not_hang_while_postgres_down(sg, pg):
+    pg.stop()
+    try:
+        poll_health(sg, lambda r: r.status_code == 503)
+        with socket.create_connection(("127.0.0.1", sg.smtp_port),
+                                      timeout=10) as s:
+            f = s.makefile("rb")
+            code, _ = read_reply(f)
+            assert code == 220
+            s.sendall(b"EHLO client.example\r\n")
+            code, lines = read_reply(f)
+            assert code == 250
+            s.sendall(b"QUIT\r\n")
+            assert read_reply(f)[0] == 221
+    finally:
+        pg.start()
+    poll_health(sg, lambda r: r.status_code == 200)
+
+
+def test_redis_down_and_back(sg, redis_srv):
+    assert health(sg).status_code == 200
+    redis_srv.stop()
+    try:
+        r = poll_health(sg, lambda r: r.status_code == 503)
+        assert r.status_code == 503
+        doc = r.json()
+        assert doc["status"] == "degraded"
+        check_part(doc["redis"], False)
+        check_part(doc["postgres"], True)
+        # the settings API does not need Redis
+        s = api(sg, "GET", "/api/v1/settings")
+        assert s.status_code == 200
+        p = api(sg, "PATCH", "/api/v1/settings",
+                json={"starttls_outbound": True})
+        assert p.status_code == 200
+        assert p.json()["starttls_outbound"] is True
+        # SMTP greeting still works
+        replies = smtp_dialog(sg.smtp_port, ["EHLO x", "QUIT"])
+        assert [c for c, _ in replies] == [220, 250, 221]
+    finally:
+        redis_srv.start()
+        sg.reset_settings()
+    r = poll_health(sg, lambda r: r.status_code == 200)
+    assert r.status_code == 200, r.text
+    check_part(r.json()["redis"], True)
