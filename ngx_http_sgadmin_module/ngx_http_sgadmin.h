@@ -83,6 +83,67 @@ void ngx_http_sgadmin_settings_get(ngx_http_request_t *r,
 void ngx_http_sgadmin_settings_patch(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 
+/* lists, domains and rules (ngx_http_sgadmin_lists.c, _domains.c, _rules.c) */
+
+#define NGX_HTTP_SGADMIN_LIMIT_DEFAULT   100
+#define NGX_HTTP_SGADMIN_LIMIT_MAX       500
+#define NGX_HTTP_SGADMIN_COMMENT_MAX     255
+#define NGX_HTTP_SGADMIN_ID_MAX          18      /* digits: fits a bigint */
+
+/* the three first parameters of every write: actor, token id, client */
+#define NGX_HTTP_SGADMIN_AUDIT_PARAMS    3
+
+void ngx_http_sgadmin_op(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx,
+    const char *sql, ngx_uint_t nparams, const char **params,
+    ngx_uint_t status, const char *conflict);
+void ngx_http_sgadmin_audit_params(ngx_http_sgadmin_ctx_t *ctx,
+    const char **params, u_char *id);
+void ngx_http_sgadmin_error(json_t *errors, const char *field,
+    const char *message);
+ngx_int_t ngx_http_sgadmin_refuse(ngx_http_request_t *r, json_t *errors,
+    const char *detail);
+void ngx_http_sgadmin_known_fields(json_t *obj, const char *prefix,
+    const char *const *names, json_t *errors);
+const char *ngx_http_sgadmin_text(json_t *v, size_t max);
+ngx_int_t ngx_http_sgadmin_page_args(ngx_http_request_t *r, json_t *errors,
+    u_char *limit, ngx_str_t *cursor);
+ngx_int_t ngx_http_sgadmin_parse_id(ngx_str_t *s, u_char *id);
+
+void ngx_http_sgadmin_whitelist_list(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_whitelist_create(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_whitelist_delete(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_relay_list(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_relay_create(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_relay_delete(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
+void ngx_http_sgadmin_domains_list(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_domains_create(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_domains_get(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_domains_update(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_domains_delete(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
+void ngx_http_sgadmin_rules_list(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_rules_create(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_rules_get(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_rules_update(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_rules_delete(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
 void ngx_http_sgadmin_queue_list(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 void ngx_http_sgadmin_queue_get(ngx_http_request_t *r,

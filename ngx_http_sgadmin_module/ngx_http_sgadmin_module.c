@@ -54,6 +54,54 @@ static const ngx_http_sgadmin_route_t  ngx_http_sgadmin_routes[] = {
     { NGX_HTTP_PATCH, ngx_string("/settings"), NGX_HTTP_SGADMIN_ROLE_ADMIN,
       ngx_http_sgadmin_settings_patch },
 
+    { NGX_HTTP_GET, ngx_string("/starttls/whitelist"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_whitelist_list },
+
+    { NGX_HTTP_POST, ngx_string("/starttls/whitelist"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_whitelist_create },
+
+    { NGX_HTTP_DELETE, ngx_string("/starttls/whitelist/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_whitelist_delete },
+
+    { NGX_HTTP_GET, ngx_string("/relay-networks"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_relay_list },
+
+    { NGX_HTTP_POST, ngx_string("/relay-networks"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_relay_create },
+
+    { NGX_HTTP_DELETE, ngx_string("/relay-networks/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_relay_delete },
+
+    { NGX_HTTP_GET, ngx_string("/domains"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_domains_list },
+
+    { NGX_HTTP_POST, ngx_string("/domains"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_domains_create },
+
+    { NGX_HTTP_GET, ngx_string("/domains/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_domains_get },
+
+    { NGX_HTTP_PUT, ngx_string("/domains/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_domains_update },
+
+    { NGX_HTTP_DELETE, ngx_string("/domains/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_domains_delete },
+
+    { NGX_HTTP_GET, ngx_string("/content-filter/rules"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_rules_list },
+
+    { NGX_HTTP_POST, ngx_string("/content-filter/rules"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_rules_create },
+
+    { NGX_HTTP_GET, ngx_string("/content-filter/rules/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_rules_get },
+
+    { NGX_HTTP_PUT, ngx_string("/content-filter/rules/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_rules_update },
+
+    { NGX_HTTP_DELETE, ngx_string("/content-filter/rules/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_rules_delete },
+
     { NGX_HTTP_GET, ngx_string("/queue"), NGX_HTTP_SGADMIN_ROLE_READ,
       ngx_http_sgadmin_queue_list },
 

@@ -818,7 +818,10 @@ ngx_mail_sg_starttls_offered(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
         return 0;
     }
 
-    if (sg_worker.settings == NULL || !sg_worker.settings->tls_enabled) {
+    /* DESIGN.md: TLS enabled in the settings and a certificate active */
+    if (sg_worker.settings == NULL || !sg_worker.settings->tls_enabled
+        || sg_worker.settings->active_certificate_id == 0)
+    {
         return 0;
     }
 
