@@ -250,6 +250,7 @@ ngx_mail_sg_body_write(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx,
 static ngx_int_t
 ngx_mail_sg_body_flush(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
 {
+    ssize_t                  n;
     ngx_chain_t              cl;
     ngx_temp_file_t         *tf;
     ngx_mail_sg_srv_conf_t  *sscf;
@@ -281,11 +282,16 @@ ngx_mail_sg_body_flush(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
     cl.buf = ctx->mem;
     cl.next = NULL;
 
-    if (ngx_write_chain_to_temp_file(ctx->tf, &cl) == NGX_ERROR) {
+    n = ngx_write_chain_to_temp_file(ctx->tf, &cl);
+
+    if (n == NGX_ERROR || n != ctx->mem->last - ctx->mem->pos) {
         ngx_log_error(NGX_LOG_CRIT, s->connection->log, 0,
                       "sg: cannot write the message to a temporary file");
         return NGX_ERROR;
     }
+
+    /* the caller keeps the offset (as ngx_http_request_body.c does) */
+    ctx->tf->offset += n;
 
     ctx->mem->pos = ctx->mem->start;
     ctx->mem->last = ctx->mem->start;
@@ -537,9 +543,8 @@ ngx_mail_sg_commit(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
     ngx_connection_t     *c;
     ngx_pool_cleanup_t   *cln;
     ngx_mail_sg_rcpt_t   *r;
-    sg_pg_param_t         p[22];
-    u_char                size[NGX_OFF_T_LEN + 1], rule[NGX_INT64_LEN + 1];
-    u_char                port[8], tmp[NGX_SOCKADDR_STRLEN + 1];
+    u_char               *size, *rule, *port, *tmp;
+    sg_pg_param_t        *p;
     u_char                src[600];
 
     c = s->connection;
@@ -629,6 +634,23 @@ ngx_mail_sg_commit(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
         return NGX_ERROR;
     }
 
+    /*
+     * The parameters are not copied by sg_pg_query_params(): everything
+     * they point to lives in tpool (or ctx) until the answer comes.
+     */
+
+    p = ngx_pcalloc(ctx->tpool, 22 * sizeof(sg_pg_param_t));
+    size = ngx_pnalloc(ctx->tpool, NGX_OFF_T_LEN + 1);
+    rule = ngx_pnalloc(ctx->tpool, NGX_INT64_LEN + 1);
+    port = ngx_pnalloc(ctx->tpool, NGX_INT_T_LEN + 1);
+    tmp = ngx_pnalloc(ctx->tpool, NGX_SOCKADDR_STRLEN + 1);
+
+    if (p == NULL || size == NULL || rule == NULL || port == NULL
+        || tmp == NULL)
+    {
+        return NGX_ERROR;
+    }
+
     *ngx_sprintf(size, "%O", (off_t) (ctx->received.len + body_len)) = '\0';
     *ngx_sprintf(rule, "%L", ctx->rule_id) = '\0';
     *ngx_sprintf(port, "%ui", (ngx_uint_t) ngx_inet_get_port(c->sockaddr))
@@ -642,8 +664,6 @@ ngx_mail_sg_commit(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
     }
 
     tmp[listener.len] = '\0';
-
-    ngx_memzero(p, sizeof(p));
 
 #define sg_p(i, s)  p[i].data = (const char *) (s);  p[i].len = 0
 
@@ -682,8 +702,6 @@ ngx_mail_sg_commit(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
 
     rc = sg_pg_query_params(sg_worker.pg, NGX_MAIL_SG_COMMIT_SQL, 22, p,
                             ngx_mail_sg_committed, ctx);
-
-    /* every parameter lives in tpool or ctx until the answer */
 
     if (rc != NGX_OK) {
         ngx_log_error(NGX_LOG_ERR, c->log, 0,
