@@ -387,10 +387,13 @@ sg_lists_build(json_t *doc, ngx_log_t *log)
             rc.err.data = errstr;
 
             if (ngx_regex_compile(&rc) != NGX_OK) {
+                /* one bad rule must not freeze every other list */
                 ngx_log_error(NGX_LOG_ERR, log, 0,
-                              "sg: content filter rule %L: %V", rule->id,
-                              &rc.err);
-                goto failed;
+                              "sg: content filter rule %L is skipped: its"
+                              " regular expression \"%V\" is invalid: %V",
+                              rule->id, &cond->value, &rc.err);
+                l->rules.nelts--;
+                break;
             }
 
             cond->regex = rc.regex;

@@ -19,6 +19,7 @@ static ngx_int_t ngx_http_sgadmin_handler(ngx_http_request_t *r);
 static ngx_uint_t ngx_http_sgadmin_match(const ngx_str_t *pattern,
     ngx_str_t *path, ngx_str_t *param);
 static void ngx_http_sgadmin_body_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_sgadmin_json_type(ngx_http_request_t *r);
 static ngx_int_t ngx_http_sgadmin_read_json(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 static void ngx_http_sgadmin_authenticate(ngx_http_request_t *r,
@@ -269,6 +270,24 @@ ngx_http_sgadmin_handler(ngx_http_request_t *r)
 
     if (r->method & (NGX_HTTP_POST|NGX_HTTP_PUT|NGX_HTTP_PATCH)) {
 
+        if (ngx_http_sgadmin_json_type(r) != NGX_OK) {
+            r->keepalive = 0;
+            ngx_http_sgadmin_problem(r, NGX_HTTP_UNSUPPORTED_MEDIA_TYPE,
+                                     "unsupported-media-type",
+                                     "the body must be application/json",
+                                     NULL);
+            return NGX_DONE;
+        }
+
+        if (r->headers_in.content_length_n < 0) {
+            /* bodies are bounded before they are read: no chunked bodies */
+            r->keepalive = 0;
+            ngx_http_sgadmin_problem(r, NGX_HTTP_LENGTH_REQUIRED,
+                                     "length-required",
+                                     "a Content-Length is required", NULL);
+            return NGX_DONE;
+        }
+
         if (r->headers_in.content_length_n > (off_t) alcf->max_body_size) {
             r->keepalive = 0;
             ngx_http_sgadmin_problem(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
@@ -356,6 +375,60 @@ ngx_http_sgadmin_match(const ngx_str_t *pattern, ngx_str_t *path,
     }
 
     return p == pe && u == ue;
+}
+
+
+/*
+ * No Content-Type, application/json, or any "+json" type (RFC 6839); also
+ * curl's default for -d, application/x-www-form-urlencoded: the body is
+ * parsed as JSON all the same.
+ */
+
+static ngx_int_t
+ngx_http_sgadmin_json_type(ngx_http_request_t *r)
+{
+    u_char     *p, *last, *semi;
+    ngx_str_t  *ct;
+
+    if (r->headers_in.content_type == NULL) {
+        return NGX_OK;
+    }
+
+    ct = &r->headers_in.content_type->value;
+    p = ct->data;
+    last = p + ct->len;
+
+    semi = ngx_strlchr(p, last, ';');
+    if (semi) {
+        last = semi;
+    }
+
+    while (last > p && (last[-1] == ' ' || last[-1] == '\t')) {
+        last--;
+    }
+
+    if ((size_t) (last - p) == sizeof("application/json") - 1
+        && ngx_strncasecmp(p, (u_char *) "application/json",
+                           sizeof("application/json") - 1) == 0)
+    {
+        return NGX_OK;
+    }
+
+    if ((size_t) (last - p) == sizeof("application/x-www-form-urlencoded") - 1
+        && ngx_strncasecmp(p, (u_char *) "application/x-www-form-urlencoded",
+                           sizeof("application/x-www-form-urlencoded") - 1)
+           == 0)
+    {
+        return NGX_OK;
+    }
+
+    if (last - p > 5 && ngx_strncasecmp(last - 5, (u_char *) "+json", 5) == 0
+        && ngx_strncasecmp(p, (u_char *) "application/", 12) == 0)
+    {
+        return NGX_OK;
+    }
+
+    return NGX_DECLINED;
 }
 
 
@@ -894,6 +967,12 @@ ngx_http_sgadmin_problem(ngx_http_request_t *r, ngx_uint_t status,
     case NGX_HTTP_REQUEST_ENTITY_TOO_LARGE:
         title = "Content Too Large";
         break;
+    case NGX_HTTP_LENGTH_REQUIRED:
+        title = "Length Required";
+        break;
+    case NGX_HTTP_UNSUPPORTED_MEDIA_TYPE:
+        title = "Unsupported Media Type";
+        break;
     case 422:
         title = "Unprocessable Content";
         break;
@@ -1043,6 +1122,15 @@ ngx_http_sgadmin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     clcf->handler = ngx_http_sgadmin_handler;
+
+    /*
+     * sgadmin_max_body_size decides, with a problem+json answer; nginx's
+     * own limit would answer an HTML 413 first.  Bodies need a
+     * Content-Length here, so nothing unbounded is read.
+     */
+    if (clcf->client_max_body_size == NGX_CONF_UNSET) {
+        clcf->client_max_body_size = 0;
+    }
 
     return NGX_CONF_OK;
 }

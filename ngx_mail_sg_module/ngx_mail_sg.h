@@ -20,7 +20,6 @@
 
 #define NGX_MAIL_SG_OUT_SIZE      8192
 #define NGX_MAIL_SG_MEM_BODY      65536     /* then a temporary file */
-#define NGX_MAIL_SG_MAX_HEADERS_KEPT  256   /* for content filter rules */
 
 
 typedef struct {
@@ -99,6 +98,7 @@ typedef struct {
     unsigned                  smtputf8:1;
     unsigned                  body_8bit:1;
     unsigned                  requiretls_param:1;
+    unsigned                  requiretls:1;  /* flagged, any source */
     unsigned                  tls_required_no:1;
     unsigned                  too_big:1;
     unsigned                  write_error:1;

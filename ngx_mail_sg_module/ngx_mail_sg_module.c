@@ -1356,7 +1356,9 @@ ngx_mail_sg_reset(ngx_mail_sg_ctx_t *ctx)
     ctx->smtputf8 = 0;
     ctx->body_8bit = 0;
     ctx->requiretls_param = 0;
+    ctx->requiretls = 0;
     ctx->refused = 0;
+    ngx_str_null(&ctx->received);
 }
 
 

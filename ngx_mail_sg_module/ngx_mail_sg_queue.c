@@ -189,9 +189,7 @@ ngx_mail_sg_header(void *data, const char *name, size_t name_len,
         }
     }
 
-    if (ctx->headers->nelts >= NGX_MAIL_SG_MAX_HEADERS_KEPT) {
-        return;
-    }
+    /* bounded by sg_smtp_max_headers and sg_smtp_max_header_size */
 
     h = ngx_array_push(ctx->headers);
     if (h == NULL) {
@@ -627,6 +625,8 @@ ngx_mail_sg_commit(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
         }
     }
 
+    ctx->requiretls = requiretls;
+
     rcpts = ngx_mail_sg_json(ctx->tpool, ja);
     sources = ngx_mail_sg_json(ctx->tpool, js);
 
@@ -788,8 +788,9 @@ ngx_mail_sg_log(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx,
                   ctx->tls_protocol.len ? &ctx->tls_protocol
                                         : &((ngx_str_t) ngx_string("none")),
                   ctx->tls_cipher.len ? "/" : "", &ctx->tls_cipher,
-                  &ctx->sender, p - to, to, ctx->body_size,
-                  ctx->requiretls_param ? "parameter" : "no",
+                  &ctx->sender, p - to, to,
+                  (off_t) (ctx->body_size + ctx->received.len),
+                  (ctx->requiretls || ctx->requiretls_param) ? "yes" : "no",
                   ctx->rule_id, result);
 }
 

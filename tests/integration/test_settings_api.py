@@ -223,7 +223,9 @@ def test_oversized_body_413(inst):
     assert get(inst) == before
 
 
-def test_oversized_chunked_body_413(inst):
+def test_chunked_body_411(inst):
+    """Bodies are bounded before they are read: a body without a
+    Content-Length (chunked) gets 411 problem+json, nothing is read."""
     before = get(inst)
     chunk = b" " * 8192
 
@@ -234,7 +236,25 @@ def test_oversized_chunked_body_413(inst):
         yield b"}"
 
     r = patch(inst, data=gen(), headers={"Content-Type": "application/json"})
+    assert_problem(r, 411)
+    assert get(inst) == before
+
+
+def test_body_beyond_nginx_limit_is_problem_json_413(inst):
+    """Above nginx's own client_max_body_size (1m) the answer is still
+    sg's problem+json, not nginx's HTML page."""
+    before = get(inst)
+    body = b'{"x": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+    r = patch(inst, data=body, headers={"Content-Type": "application/json"})
     assert_problem(r, 413)
+    assert get(inst) == before
+
+
+def test_non_json_content_type_415(inst):
+    before = get(inst)
+    r = patch(inst, data=b'{"tls_enabled": false}',
+              headers={"Content-Type": "text/plain"})
+    assert_problem(r, 415)
     assert get(inst) == before
 
 
