@@ -12,6 +12,11 @@ MODULE      := $(BUILD)/ngx_sg_module.so
 PYTHON      := /usr/bin/python3
 SHELL       := /bin/bash
 
+# Debian's compiler and linker flags, as the nginx that loads the module
+# was built with (hardening included)
+NGX_CC_OPT = $(shell nginx -V 2>&1 | sed -n "s/.*--with-cc-opt='\([^']*\)'.*/\1/p")
+NGX_LD_OPT = $(shell nginx -V 2>&1 | sed -n "s/.*--with-ld-opt='\([^']*\)'.*/\1/p")
+
 SOURCES := config $(wildcard common/*.[ch] ngx_mail_sg_module/*.[ch] \
                              ngx_http_sgadmin_module/*.[ch])
 
@@ -28,10 +33,11 @@ check-nginx:
 	 if [ "$$have" != "$$want" ]; then \
 	     echo "error: nginx is $$have but nginx-dev is $$want: install matching versions" >&2; exit 1; fi
 
-$(NGX_BUILD)/objs/Makefile: $(NGINX_SRC)/conf_flags config | check-nginx
+$(NGX_BUILD)/objs/Makefile: config Makefile | check-nginx
 	rm -rf $(NGX_BUILD) && mkdir -p $(BUILD) && cp -r $(NGINX_SRC) $(NGX_BUILD)
 	cd $(NGX_BUILD) && . ./conf_flags && \
-	    ./configure "$${NGX_CONF_FLAGS[@]}" --add-dynamic-module=$(CURDIR) \
+	    ./configure "$${NGX_CONF_FLAGS[@]}" --with-cc-opt="$(NGX_CC_OPT)" \
+	    --with-ld-opt="$(NGX_LD_OPT)" --add-dynamic-module=$(CURDIR) \
 	    > configure.log 2>&1 || { tail -5 configure.log >&2; exit 1; }
 
 $(MODULE): $(NGX_BUILD)/objs/Makefile $(SOURCES)
@@ -53,3 +59,4 @@ clean:
 	rm -rf $(BUILD)
 
 include mk/instance.mk
+include mk/bench.mk

@@ -43,7 +43,7 @@ static ngx_uint_t    sg_lists_again;
 static ngx_event_t   sg_lists_poll;
 static ngx_msec_t    sg_lists_poll_interval;
 static ngx_log_t    *sg_lists_log;
-static int           sg_lists_dummy;
+static ngx_connection_t  sg_lists_dummy;     /* timers log ev->data as one */
 
 
 ngx_int_t

@@ -35,7 +35,7 @@ static ngx_uint_t              sg_settings_again;
 static ngx_event_t             sg_settings_poll;
 static ngx_msec_t              sg_settings_poll_interval;
 static ngx_log_t              *sg_settings_log;
-static int                     sg_settings_dummy;
+static ngx_connection_t        sg_settings_dummy;  /* timers log ev->data */
 
 
 ngx_int_t

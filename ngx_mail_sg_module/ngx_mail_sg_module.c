@@ -372,23 +372,31 @@ ngx_mail_sg_greeting_delay(ngx_event_t *rev)
 static void
 ngx_mail_sg_init_protocol(ngx_event_t *rev)
 {
-    ngx_connection_t        *c;
-    ngx_mail_session_t      *s;
-    ngx_mail_sg_ctx_t       *ctx;
-    ngx_mail_sg_srv_conf_t  *sscf;
+    ngx_connection_t          *c;
+    ngx_mail_session_t        *s;
+    ngx_mail_sg_ctx_t         *ctx;
+    ngx_mail_sg_srv_conf_t    *sscf;
+    ngx_mail_core_srv_conf_t  *cscf;
 
     c = rev->data;
     s = c->data;
 
-    if (rev->timedout) {
-        ngx_log_error(NGX_LOG_INFO, c->log, NGX_ETIMEDOUT, "client timed out");
-        c->timedout = 1;
-        ngx_mail_close_connection(c);
-        return;
-    }
-
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_sg_module);
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_sg_module);
+
+    if (rev->timedout) {
+        /* RFC 5321, 4.5.3.2.7: silent after the greeting */
+        ngx_log_error(NGX_LOG_INFO, c->log, NGX_ETIMEDOUT, "client timed out");
+        c->timedout = 1;
+        cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
+        ctx->out->pos = ctx->out->start;
+        ctx->out->last = ctx->out->start;
+        ngx_mail_sg_reply(s, ctx, "421 4.4.2 %V Error: timeout exceeded",
+                          &cscf->server_name);
+        s->quit = 1;
+        ngx_mail_sg_flush(s, ctx);
+        return;
+    }
 
     if (s->buffer == NULL) {
         s->buffer = ngx_create_temp_buf(c->pool, sscf->max_line);

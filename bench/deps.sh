@@ -1,0 +1,41 @@
+#!/bin/bash
+# Install what `make bench` needs beyond `make deps`: Postfix, for
+# smtp-source and as the comparison MTA. Debian's own system Postfix
+# instance must not run: the package is preseeded to "No configuration"
+# (no /etc/postfix/main.cf, so nothing starts or binds port 25), and if
+# installing did start a system master anyway, it is stopped again.
+set -euo pipefail
+
+if command -v smtp-source >/dev/null && command -v postfix >/dev/null; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "bench: postfix (smtp-source) is missing; run as root or install it" >&2
+    exit 1
+fi
+
+sys_master() {   # pid of a running system Postfix master, if any
+    local pid
+    pid=$(cat /var/spool/postfix/pid/master.pid 2>/dev/null | tr -d ' ') || true
+    if [ -n "$pid" ] && [ -d "/proc/$pid" ]; then echo "$pid"; fi
+}
+before=$(sys_master)
+
+echo "bench: installing postfix (debconf: No configuration)"
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! { apt-get update -qq &&
+       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+           --no-install-recommends postfix; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "bench: apt-get could not install postfix" >&2
+    exit 1
+fi
+
+after=$(sys_master)
+if [ -n "$after" ] && [ "$after" != "$before" ]; then
+    echo "bench: the package started the system Postfix (pid $after); stopping it"
+    postfix -c /etc/postfix stop || kill "$after"
+fi
+echo "bench: installed postfix"
