@@ -12,7 +12,9 @@ PACKAGES=(
     # build: nginx headers and sg's libraries
     nginx nginx-dev libnginx-mod-mail libpcre2-dev libssl-dev zlib1g-dev
     libpq-dev libhiredis-dev libjansson-dev libcurl4-openssl-dev
-    libunbound-dev libargon2-dev libsodium-dev pkg-config gcc make
+    libunbound-dev pkg-config gcc libc6-dev make
+    # tools used by make run, the tests and the README's examples
+    curl
     # services of an instance
     postgresql-15 redis-server openssl ca-certificates
     # tests and tools (Debian's /usr/bin/python3)

@@ -7,17 +7,37 @@ which build instances in temporary folders on free loopback ports.
 
     sginstance.py run | stop | status | migrate
 
-Layout of <project>/var/:
+run     start PostgreSQL, Redis and nginx (each only if not running yet),
+        then wait up to 30 s until GET https://127.0.0.1:ADMIN/api/v1/health
+        answers 200 and print the endpoints; exit 0. If health answers
+        something else (or nothing) by then, print its JSON and the tail of
+        nginx's error log and exit 1. The services are LEFT RUNNING in that
+        case (so they can be inspected): `make stop` stops them.
+        Run while everything runs: says so, exit 0.
+stop    stop nginx, Redis and PostgreSQL by pid; data is kept for the next run.
+status  what is running.
+migrate apply sql/ migrations to the instance's database.
+
+Layout of the state folder (normally <project>/var/):
     pg/data            PostgreSQL cluster (owned by postgres), pg/postgres.log
     run/               sockets and pids: run/pg/ (PostgreSQL socket, owned by
                        postgres), run/redis.sock, run/redis.pid
     redis/             redis.conf, dump.rdb, redis.log
     nginx/             nginx.conf, nginx.pid, error.log, access.log, tmp/,
                        tls/cert.pem + tls/key.pem (bootstrap certificate)
-    admin-token        bootstrap admin API token (mode 0600)
+<project>/var/admin-token   bootstrap admin API token (mode 0600), always in var/
+
+PostgreSQL (running as postgres) and the nginx workers (running as nobody)
+must be able to enter the state folder. When run as root from a project
+under a folder other users cannot traverse (e.g. a clone in /root, mode
+0700), the state folder is /var/lib/sg/<first 12 hex digits of the sha1 of
+the project's real path>/ instead (mode 0755), and var/state is a symlink to
+it: later runs, stop and status follow that link. Delete that folder by hand
+when the clone is removed.
 
 Environment read by `run`: SG_SMTP_PORT (2525), SG_ADMIN_PORT (8443),
-SG_HTTP_PORT (8080), SG_RESOLVER, SG_CA_FILE, SG_DNSSEC_TRUST_ANCHOR.
+SG_HTTP_PORT (8080), SG_RESOLVER, SG_CA_FILE, SG_DNSSEC_TRUST_ANCHOR, and
+SG_MODULE_SO (the module to load; default <project>/build/ngx_sg_module.so).
 """
 
 import datetime
@@ -149,6 +169,22 @@ def _mkdir(path, mode=0o755, owner=None):
     os.chmod(path, mode)
     if owner:
         _chown(path, owner)
+
+
+def untraversable_parent(path):
+    """The first parent folder of path that other users cannot traverse
+    (no o+x), or None when postgres and nobody can reach path."""
+    path = os.path.abspath(path)
+    parent = path
+    while parent != "/":
+        parent = os.path.dirname(parent)
+        try:
+            st = os.stat(parent)
+        except FileNotFoundError:
+            continue
+        if not st.st_mode & 0o001:
+            return parent
+    return None
 
 
 def check_traversable(path):
@@ -747,24 +783,68 @@ class Nginx:
 
 # ---------------------------------------------------------------- make run
 
+STATE_ROOT = "/var/lib/sg"
+
+
 class Layout:
-    """Paths of the instance under <project>/var/."""
+    """Paths of the instance: var/ under the project, and the state folder
+    (var/ itself, or /var/lib/sg/<hash>/ reached through the symlink
+    var/state when var/ is not traversable by other users; see the module
+    docstring)."""
 
     def __init__(self, project=PROJECT):
         self.project = project
         self.var = os.path.join(project, "var")
-        self.pg_data = os.path.join(self.var, "pg", "data")
-        self.run = os.path.join(self.var, "run")
+        self.state_link = os.path.join(self.var, "state")
+        self.state, self.relocated, self.blocked_by = self._find_state()
+        self.pg_data = os.path.join(self.state, "pg", "data")
+        self.run = os.path.join(self.state, "run")
         self.pg_sock = os.path.join(self.run, "pg")
-        self.redis_dir = os.path.join(self.var, "redis")
+        self.redis_dir = os.path.join(self.state, "redis")
         self.redis_sock = os.path.join(self.run, "redis.sock")
-        self.nginx = os.path.join(self.var, "nginx")
+        self.nginx = os.path.join(self.state, "nginx")
         self.nginx_conf = os.path.join(self.nginx, "nginx.conf")
         self.tls = os.path.join(self.nginx, "tls")
         self.cert = os.path.join(self.tls, "cert.pem")
         self.key = os.path.join(self.tls, "key.pem")
         self.token = os.path.join(self.var, "admin-token")
-        self.module = os.path.join(project, "build", "ngx_sg_module.so")
+        self.module = (os.environ.get("SG_MODULE_SO")
+                       or os.path.join(project, "build", "ngx_sg_module.so"))
+
+    def _find_state(self):
+        """(state folder, relocated?, the parent that forced it or None)."""
+        if os.path.islink(self.state_link):
+            return os.path.realpath(self.state_link), True, None
+        if os.path.exists(os.path.join(self.var, "pg", "data")):
+            return self.var, False, None    # an instance made in var/ before
+        if os.geteuid() != 0:
+            return self.var, False, None    # everything runs as this user
+        blocked = untraversable_parent(os.path.join(self.var, "x"))
+        if blocked is None:
+            return self.var, False, None
+        h = hashlib.sha1(os.path.realpath(self.project).encode()).hexdigest()
+        return os.path.join(STATE_ROOT, h[:12]), True, blocked
+
+    def prepare(self):
+        """Create var/ and the state folder (and the var/state symlink when
+        the state lives outside the project)."""
+        _mkdir(self.var)
+        if self.relocated:
+            _mkdir(STATE_ROOT, 0o755)
+            _mkdir(self.state, 0o755)
+            if not os.path.islink(self.state_link):
+                os.symlink(self.state, self.state_link)
+                note = os.path.join(self.var, "STATE.txt")
+                with open(note, "w") as f:
+                    f.write("%s is not traversable by other users, so the\n"
+                            "PostgreSQL cluster, Redis and nginx's files of this\n"
+                            "instance live in %s (var/state links there).\n"
+                            "Remove that folder by hand when this clone goes.\n"
+                            % (self.blocked_by, self.state))
+                print("sg: %s cannot be entered by postgres and nobody; the "
+                      "instance's data lives in %s (var/state links there)"
+                      % (self.blocked_by, self.state))
+        _mkdir(self.run)
 
     def env_ports(self):
         def port(name, default):
@@ -791,8 +871,9 @@ def _print_endpoints(lay, admin_port=None):
   plain HTTP  http://127.0.0.1:%d/
   API token   %s
   error log   %s
+  data        %s
   stop with   make stop""" % (smtp, admin, http, lay.token,
-                              os.path.join(lay.nginx, "error.log")))
+                              os.path.join(lay.nginx, "error.log"), lay.state))
 
 
 def _bootstrap(lay, pg):
@@ -847,22 +928,45 @@ def _write_private(path, text):
     os.replace(path + ".tmp", path)
 
 
-def _wait_health(port, timeout=30):
+HEALTH_TIMEOUT = 30
+
+
+def _health(port, timeout=2):
+    """(status code, body text) of GET /api/v1/health on the admin port;
+    raises requests.RequestException when it does not answer."""
     import requests
     import urllib3
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    r = requests.get("https://127.0.0.1:%d/api/v1/health" % port,
+                     verify=False, timeout=timeout)
+    return r.status_code, r.text
+
+
+def _wait_health(port, timeout=HEALTH_TIMEOUT, alive=None):
+    """Poll health until it answers 200 or timeout passes. Returns
+    (status, body) of the last answer, or (None, error text) when it never
+    answered. `alive`: optional callable, stop waiting when it is False."""
+    import requests
     deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
+    last = (None, "no answer")
+    while True:
         try:
-            r = requests.get("https://127.0.0.1:%d/api/v1/health" % port,
-                             verify=False, timeout=2)
-            return r.status_code
+            last = _health(port)
+            if last[0] == 200:
+                return last
         except requests.RequestException as e:
-            last = e
+            if last[0] is None:
+                last = (None, str(e))
+        if time.monotonic() >= deadline or (alive is not None and not alive()):
+            return last
         time.sleep(0.2)
-    raise InstanceError("https://127.0.0.1:%d/api/v1/health did not answer in "
-                        "%ds: %s" % (port, timeout, last))
+
+
+def _pretty(body):
+    try:
+        return json.dumps(json.loads(body), indent=2)
+    except ValueError:
+        return body
 
 
 def cmd_run(lay):
@@ -874,9 +978,8 @@ def cmd_run(lay):
         return 0
     if not os.path.exists(lay.module):
         raise InstanceError("%s is missing: build it first (make)" % lay.module)
-    check_traversable(lay.var)
-    _mkdir(lay.var)
-    _mkdir(lay.run)
+    lay.prepare()
+    check_traversable(lay.state)
 
     if pg.init():
         print("sg: created PostgreSQL cluster in %s" % lay.pg_data)
@@ -901,10 +1004,23 @@ def cmd_run(lay):
             ngx.reload()
         else:
             ngx.start()
-        _wait_health(admin)
     except InstanceError as e:
         sys.stderr.write("sg: %s\n--- last lines of %s:\n%s"
                          % (e, ngx.error_log, tail(ngx.error_log)))
+        return 1
+    status, body = _wait_health(admin, HEALTH_TIMEOUT, ngx.is_running)
+    if status != 200:
+        if status is None:
+            what = "did not answer (%s)" % body
+        else:
+            what = "answered %d:\n%s" % (status, _pretty(body))
+        sys.stderr.write(
+            "sg: UNHEALTHY: after %d s https://127.0.0.1:%d/api/v1/health %s\n"
+            "--- last lines of %s:\n%s"
+            "sg: the services were left running for inspection; stop them "
+            "with make stop\n"
+            % (HEALTH_TIMEOUT, admin, what, ngx.error_log,
+               tail(ngx.error_log)))
         return 1
     print("sg is running:")
     _print_endpoints(lay)
@@ -954,7 +1070,8 @@ def main(argv=None):
     cmds = {"run": cmd_run, "stop": cmd_stop, "status": cmd_status,
             "migrate": cmd_migrate}
     if len(argv) != 1 or argv[0] not in cmds:
-        sys.stderr.write("usage: sginstance.py run|stop|status|migrate\n")
+        sys.stderr.write("usage: sginstance.py run|stop|status|migrate"
+                         "   (see the top of %s)\n" % os.path.abspath(__file__))
         return 2
     try:
         return cmds[argv[0]](Layout())

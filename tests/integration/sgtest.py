@@ -244,3 +244,25 @@ def smtp_dialog(port, lines, host="127.0.0.1", timeout=10, greeting=True):
                 replies.append(read_reply(f))
         f.close()
     return replies
+
+
+def descendants(pid):
+    """Pids of every living descendant of pid (children, their children...),
+    read from /proc."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    found, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in found:
+                found.add(c)
+                todo.append(c)
+    return found

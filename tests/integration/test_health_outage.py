@@ -69,10 +69,38 @@ def smtp_mail_from(port):
                               "QUIT"], timeout=10)
 
 
+def worker_pid(inst):
+    r = health(inst)
+    assert r.status_code == 200, r.text
+    return r.json()["worker"]["pid"]
+
+
+def assert_patch_reaches_worker(inst, pid, window=2.0):
+    """A PATCH now reaches the (single) worker within `window` seconds:
+    health reports its settings_version (the PATCH's ETag) -- the LISTEN
+    connection was re-established after the outage."""
+    r = api(inst, "PATCH", "/api/v1/settings",
+            json={"mta_sts_enabled": False})
+    assert r.status_code == 200, r.text
+    version = int(r.headers["ETag"].strip('"'))
+    deadline = time.monotonic() + window
+    seen = None
+    while time.monotonic() < deadline:
+        w = health(inst).json()["worker"]
+        assert w["pid"] == pid
+        seen = w["settings_version"]
+        if seen >= version:
+            return
+        time.sleep(0.05)
+    pytest.fail("worker %d has settings_version %s, not %d, %.1f s after "
+                "the PATCH" % (pid, seen, version, window))
+
+
 def test_postgres_down_and_back(sg, pg):
     # the adapter's own [alert] lines on PostgreSQL loss are covered by
     # test_postgres_down_no_alert_lines below
     assert health(sg).status_code == 200
+    pid = worker_pid(sg)
     assert api(sg, "GET", "/api/v1/settings").status_code == 200
     pg.stop()
     try:
@@ -106,6 +134,12 @@ def test_postgres_down_and_back(sg, pg):
     s = api(sg, "GET", "/api/v1/settings")
     assert s.status_code == 200
     assert s.json()["active_certificate_id"] == sg.certificate_id
+    # the same worker (no restart), and it hears about changes again
+    assert r.json()["worker"]["pid"] == pid
+    try:
+        assert_patch_reaches_worker(sg, pid)
+    finally:
+        sg.reset_settings()
 
     with open(sg.error_log, errors="replace") as f:
         log = f.read()
@@ -184,6 +218,7 @@ def test_smtp_greeting_and_ehlo_do_not_hang_while_postgres_down(sg, pg):
 
 def test_redis_down_and_back(sg, redis_srv):
     assert health(sg).status_code == 200
+    pid = worker_pid(sg)
     redis_srv.stop()
     try:
         r = poll_health(sg, lambda r: r.status_code == 503)
@@ -208,3 +243,8 @@ def test_redis_down_and_back(sg, redis_srv):
     r = poll_health(sg, lambda r: r.status_code == 200)
     assert r.status_code == 200, r.text
     check_part(r.json()["redis"], True)
+    assert r.json()["worker"]["pid"] == pid
+    try:
+        assert_patch_reaches_worker(sg, pid)
+    finally:
+        sg.reset_settings()

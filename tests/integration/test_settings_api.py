@@ -2,6 +2,7 @@
 audit (issue 2, item 5; DESIGN.md "API shapes")."""
 
 import copy
+import datetime
 import json
 
 import pytest
@@ -50,6 +51,12 @@ def audit_rows(pg):
         cur.execute("SELECT id, actor, action, object, old, new FROM audit_log"
                     " ORDER BY id")
         return cur.fetchall()
+
+
+def audit_at(pg, audit_id):
+    with pg.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT at FROM audit_log WHERE id = %s", (audit_id,))
+        return cur.fetchone()[0]
 
 
 def test_defaults_on_fresh_settings(sg_module, pg):
@@ -259,15 +266,21 @@ def test_non_json_content_type_415(inst):
 
 
 def test_successful_patch_is_audited(inst, pg):
+    t0 = datetime.datetime.now(datetime.timezone.utc)
     before = get(inst)
     n = len(audit_rows(pg))
     r = patch(inst, {"mta_sts_enabled": False,
                      "tls_reporting": {"organization_name": "Audit Org"}})
+    t1 = datetime.datetime.now(datetime.timezone.utc)
     assert r.status_code == 200
     after = r.json()
     rows = audit_rows(pg)
     assert len(rows) == n + 1
-    _, actor, action, obj, old, new = rows[-1]
+    audit_id, actor, action, obj, old, new = rows[-1]
+    # when: during this test (PostgreSQL runs on this machine's clock)
+    at = audit_at(pg, audit_id)
+    assert at.tzinfo is not None
+    assert t0 <= at <= t1, (t0, at, t1)
     assert actor == "token:test-admin"
     assert action == "settings.update"
     assert obj == "settings"
