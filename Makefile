@@ -51,7 +51,8 @@ unit:
 integration: $(MODULE)
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
 
-test: deps all
+# the tests use Postfix's smtp-source and posttls-finger (bench-deps)
+test: deps bench-deps all
 	$(MAKE) -s unit
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
 

@@ -20,6 +20,8 @@
 static void ngx_mail_sg_init_session(ngx_mail_session_t *s,
     ngx_connection_t *c);
 static void ngx_mail_sg_resolved(ngx_resolver_ctx_t *rctx);
+static void ngx_mail_sg_confirmed(ngx_resolver_ctx_t *rctx);
+static ngx_uint_t ngx_mail_sg_host_valid(ngx_str_t *name);
 static void ngx_mail_sg_greet(ngx_mail_session_t *s, ngx_connection_t *c);
 static void ngx_mail_sg_greeting_delay(ngx_event_t *rev);
 static void ngx_mail_sg_block_reading(ngx_event_t *rev);
@@ -252,23 +254,64 @@ ngx_mail_sg_init_session(ngx_mail_session_t *s, ngx_connection_t *c)
 static void
 ngx_mail_sg_resolved(ngx_resolver_ctx_t *rctx)
 {
-    ngx_connection_t    *c;
-    ngx_mail_session_t  *s;
+    ngx_connection_t          *c;
+    ngx_mail_session_t        *s;
+    ngx_mail_core_srv_conf_t  *cscf;
 
     s = rctx->data;
     c = s->connection;
 
-    if (rctx->state == 0) {
-        s->host.data = ngx_pstrdup(c->pool, &rctx->name);
-        if (s->host.data) {
-            s->host.len = rctx->name.len;
-        }
-
-    } else {
+    if (rctx->state) {
         ngx_log_error(NGX_LOG_INFO, c->log, 0,
                       "%V has no host name (%i: %s)", &c->addr_text,
                       rctx->state, ngx_resolver_strerror(rctx->state));
+        goto greet;
     }
+
+    if (!ngx_mail_sg_host_valid(&rctx->name)) {
+        /* the name goes into Received: and the log: LDH only */
+        ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                      "%V has an invalid host name", &c->addr_text);
+        goto greet;
+    }
+
+    s->host.data = ngx_pstrdup(c->pool, &rctx->name);
+    if (s->host.data == NULL) {
+        goto greet;
+    }
+
+    s->host.len = rctx->name.len;
+
+    ngx_resolve_addr_done(rctx);
+    s->resolver_ctx = NULL;
+
+    /* forward-confirm the name before trusting it (the whitelist) */
+
+    cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
+
+    rctx = ngx_resolve_start(cscf->resolver, NULL);
+    if (rctx == NULL || rctx == NGX_NO_RESOLVER) {
+        ngx_str_null(&s->host);
+        ngx_mail_sg_greet(s, c);
+        return;
+    }
+
+    rctx->name = s->host;
+    rctx->handler = ngx_mail_sg_confirmed;
+    rctx->data = s;
+    rctx->timeout = cscf->resolver_timeout;
+
+    s->resolver_ctx = rctx;
+
+    if (ngx_resolve_name(rctx) != NGX_OK) {
+        s->resolver_ctx = NULL;
+        ngx_str_null(&s->host);
+        ngx_mail_sg_greet(s, c);
+    }
+
+    return;
+
+greet:
 
     ngx_resolve_addr_done(rctx);
     s->resolver_ctx = NULL;
@@ -278,13 +321,83 @@ ngx_mail_sg_resolved(ngx_resolver_ctx_t *rctx)
 
 
 static void
+ngx_mail_sg_confirmed(ngx_resolver_ctx_t *rctx)
+{
+    ngx_uint_t           i, ok;
+    ngx_connection_t    *c;
+    ngx_mail_session_t  *s;
+
+    s = rctx->data;
+    c = s->connection;
+    ok = 0;
+
+    if (rctx->state == 0) {
+        for (i = 0; i < rctx->naddrs; i++) {
+            if (ngx_cmp_sockaddr(rctx->addrs[i].sockaddr,
+                                 rctx->addrs[i].socklen, c->sockaddr,
+                                 c->socklen, 0)
+                == NGX_OK)
+            {
+                ok = 1;
+                break;
+            }
+        }
+    }
+
+    if (!ok) {
+        ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                      "host name \"%V\" of %V does not resolve back to it"
+                      " (%i: %s, %ui addresses)", &s->host, &c->addr_text,
+                      rctx->state, ngx_resolver_strerror(rctx->state),
+                      rctx->naddrs);
+        ngx_str_null(&s->host);
+    }
+
+    ngx_resolve_name_done(rctx);
+    s->resolver_ctx = NULL;
+
+    ngx_mail_sg_greet(s, c);
+}
+
+
+static ngx_uint_t
+ngx_mail_sg_host_valid(ngx_str_t *name)
+{
+    u_char  *p, *last;
+
+    if (name->len == 0 || name->len > 253) {
+        return 0;
+    }
+
+    last = name->data + name->len;
+
+    for (p = name->data; p < last; p++) {
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+              || (*p >= '0' && *p <= '9') || *p == '-' || *p == '.'))
+        {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+static void
 ngx_mail_sg_block_reading(ngx_event_t *rev)
 {
-    ngx_connection_t  *c;
+    ngx_connection_t    *c;
+    ngx_mail_session_t  *s;
 
     c = rev->data;
+    s = c->data;
 
     if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+        if (s->resolver_ctx) {
+            ngx_resolve_addr_done(s->resolver_ctx);
+            s->resolver_ctx = NULL;
+        }
+
         ngx_mail_close_connection(c);
     }
 }
@@ -293,6 +406,7 @@ ngx_mail_sg_block_reading(ngx_event_t *rev)
 static void
 ngx_mail_sg_greet(ngx_mail_session_t *s, ngx_connection_t *c)
 {
+    u_char                   peek;
     ngx_mail_sg_srv_conf_t  *sscf;
 
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_sg_module);
@@ -308,6 +422,19 @@ ngx_mail_sg_greet(ngx_mail_session_t *s, ngx_connection_t *c)
             ngx_mail_close_connection(c);
         }
 
+        return;
+    }
+
+    /* RFC 5321, 4.3.1: a client that talked first is an early talker */
+
+    if (recv(c->fd, &peek, 1, MSG_PEEK) == 1) {
+        ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                      "client sent data before the greeting");
+        ngx_str_set(&s->out, "554 5.5.1 Error: SMTP protocol"
+                             " synchronization" CRLF);
+        s->quit = 1;
+        c->write->handler = ngx_mail_send;
+        ngx_mail_send(c->write);
         return;
     }
 
@@ -413,6 +540,7 @@ ngx_mail_sg_init_protocol(ngx_event_t *rev)
     ngx_mail_sg_reset(ctx);
     ctx->greeted = 0;
     ctx->skip = 0;
+    ctx->starttls = 0;
     s->esmtp = 0;
 
 #if (NGX_MAIL_SSL)
@@ -826,10 +954,11 @@ ngx_mail_sg_starttls_offered(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
         return 0;
     }
 
-    /* DESIGN.md: TLS enabled in the settings and a certificate active */
-    if (sg_worker.settings == NULL || !sg_worker.settings->tls_enabled
-        || sg_worker.settings->active_certificate_id == 0)
-    {
+    /*
+     * TLS enabled in the settings; without an active certificate the one
+     * from nginx.conf is served (issue 3: it is the fallback)
+     */
+    if (sg_worker.settings == NULL || !sg_worker.settings->tls_enabled) {
         return 0;
     }
 

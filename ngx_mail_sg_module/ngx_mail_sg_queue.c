@@ -724,8 +724,10 @@ ngx_mail_sg_committed(void *data, PGresult *res, const char *err,
     s = ctx->session;
     ctx->waiting = 0;
 
-    ctx->out->pos = ctx->out->start;
-    ctx->out->last = ctx->out->start;
+    /*
+     * The buffer still holds the unsent replies of commands pipelined with
+     * the message (a 354 among them): the answer goes after them.
+     */
 
     if (err || PQntuples(res) != (int) ctx->rcpts->nelts) {
         ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,

@@ -380,7 +380,6 @@ def test_received_has_for_clause_with_one_recipient(srv, pg):
     assert b"\tfor <%s>; " % RCPT.encode() in split_received(m["body"])[0]
 
 
-@pytest.mark.skipif(not shutil.which("swaks"), reason="swaks not installed")
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_happy_path_swaks(srv, pg, pipeline):
     """swaks (EHLO, MAIL, RCPT, DATA; with --pipeline all in one group, RFC
@@ -1217,3 +1216,33 @@ def test_no_250_without_queued_message_across_restart(sg_instance,
                         "JOIN recipients r ON r.message_id = m.id "
                         "WHERE m.sender = %s GROUP BY m.id", sender)
     assert {f["id"]: f["n"] for f in found} == {q: 2 for q in ok}
+
+
+def test_message_pipelined_with_data_command(srv, pg):
+    """RFC 2920, 3.1: a client may send the message right behind DATA in
+    the same write; every command still gets its own reply, in order:
+    250, 250, 354, then 250 with the queue id."""
+    sender = marker()
+    with Session(srv.smtp_port) as s:
+        s.cmd("EHLO client.example")
+        s.send(("MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n" % (sender, RCPT))
+               .encode() + SIMPLE)
+        r = [s.reply() for _ in range(4)]
+        assert codes(r) == [250, 250, 354, 250], r
+        qid = queue_id(r[3])
+        assert s.cmd("QUIT")[0] == 221
+    message(pg, qid)
+    assert count_from(pg, sender) == 1
+
+
+def test_two_messages_in_one_write(srv, pg):
+    """RFC 2920: two whole transactions in one write get all their
+    replies, in order, and both messages are queued."""
+    sender = marker()
+    one = ("MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n" % (sender, RCPT))
+    with Session(srv.smtp_port) as s:
+        s.cmd("EHLO client.example")
+        s.send(one.encode() + SIMPLE + one.encode() + SIMPLE + b"QUIT\r\n")
+        r = [s.reply() for _ in range(9)]
+        assert codes(r) == [250, 250, 354, 250, 250, 250, 354, 250, 221], r
+    assert count_from(pg, sender) == 2
