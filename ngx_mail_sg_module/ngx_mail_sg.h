@@ -102,6 +102,7 @@ typedef struct {
     unsigned                  tls_required_no:1;
     unsigned                  too_big:1;
     unsigned                  write_error:1;
+    unsigned                  logged:1;      /* the transaction's line */
 } ngx_mail_sg_ctx_t;
 
 
@@ -123,6 +124,8 @@ ngx_int_t ngx_mail_sg_data_start(ngx_mail_session_t *s,
     ngx_mail_sg_ctx_t *ctx);
 ngx_int_t ngx_mail_sg_data_read(ngx_mail_session_t *s,
     ngx_mail_sg_ctx_t *ctx);
+void ngx_mail_sg_log(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx,
+    const char *result);
 
 
 #endif /* _NGX_MAIL_SG_H_INCLUDED_ */

@@ -1477,6 +1477,18 @@ ngx_mail_sg_begin(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
 void
 ngx_mail_sg_reset(ngx_mail_sg_ctx_t *ctx)
 {
+    /* a transaction that ended before its data still gets its line */
+    if (ctx->tpool && ctx->in_mail && !ctx->logged && ctx->rcpts
+        && ctx->rcpts->nelts)
+    {
+        ngx_mail_sg_log(ctx->session, ctx, "no message: ended before the"
+                        " end of data");
+    }
+
+    ctx->logged = 0;
+    ctx->queue_id[0] = '\0';
+    ctx->body_size = 0;
+
     if (ctx->tpool) {
         ngx_destroy_pool(ctx->tpool);
     }

@@ -55,8 +55,6 @@ static ngx_int_t ngx_mail_sg_commit(ngx_mail_session_t *s,
 static void ngx_mail_sg_committed(void *data, PGresult *res,
     const char *err, const char *sqlstate);
 static void ngx_mail_sg_unmap(void *data);
-static void ngx_mail_sg_log(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx,
-    const char *result);
 static char *ngx_mail_sg_cstr(ngx_pool_t *pool, ngx_str_t *s);
 static char *ngx_mail_sg_json(ngx_pool_t *pool, json_t *j);
 
@@ -686,7 +684,8 @@ ngx_mail_sg_commit(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
     sg_p(11, ctx->rule_id ? (char *) rule : NULL);
     /* RFC 8689, 5: ignored when the message requires TLS */
     sg_p(12, ctx->tls_required_no && !requiretls ? "t" : "f");
-    sg_p(13, ngx_mail_sg_cstr(ctx->tpool, &c->addr_text));
+    sg_p(13, c->sockaddr->sa_family == AF_UNIX
+             ? NULL : ngx_mail_sg_cstr(ctx->tpool, &c->addr_text));
     sg_p(14, port);
     sg_p(15, s->host.len ? ngx_mail_sg_cstr(ctx->tpool, &s->host) : NULL);
     sg_p(16, ngx_mail_sg_cstr(ctx->tpool, &ctx->helo));
@@ -762,7 +761,7 @@ ngx_mail_sg_unmap(void *data)
 
 /* one line per transaction */
 
-static void
+void
 ngx_mail_sg_log(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx,
     const char *result)
 {
@@ -782,6 +781,8 @@ ngx_mail_sg_log(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx,
     if (i < ctx->rcpts->nelts) {
         p = ngx_cpymem(p, "...", 3);
     }
+
+    ctx->logged = 1;
 
     ngx_log_error(NGX_LOG_NOTICE, s->connection->log, 0,
                   "sg: id=%s client=%V tls=%V%s%V from=<%V> to=%*s"

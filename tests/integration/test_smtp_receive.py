@@ -1246,3 +1246,24 @@ def test_two_messages_in_one_write(srv, pg):
         r = [s.reply() for _ in range(9)]
         assert codes(r) == [250, 250, 354, 250, 250, 250, 354, 250, 221], r
     assert count_from(pg, sender) == 2
+
+
+def test_log_line_for_transaction_without_data(srv, pg):
+    """Issue 3, item 9: one log line per transaction, also for one that
+    ends (RSET, QUIT) before its data: nothing queued, the line says so."""
+    sender = marker()
+    with Session(srv.smtp_port) as s:
+        s.cmd("EHLO client.example")
+        assert s.cmd("MAIL FROM:<%s>" % sender)[0] == 250
+        assert s.cmd("RCPT TO:<%s>" % RCPT)[0] == 250
+        assert s.cmd("RSET")[0] == 250
+        assert s.cmd("QUIT")[0] == 221
+    deadline = time.monotonic() + WAIT
+    lines = []
+    while time.monotonic() < deadline and not lines:
+        with open(srv.error_log, errors="replace") as f:
+            lines = [l for l in f if "from=<%s>" % sender in l]
+        time.sleep(0.1)
+    assert len(lines) == 1, lines
+    assert "ended before the end of data" in lines[0]
+    assert count_from(pg, sender) == 0
