@@ -1300,6 +1300,9 @@ ngx_mail_sg_rcpt(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx,
             ngx_mail_sg_reply(s, ctx, "554 5.7.1 <%*s>: Relay access"
                               " denied", cmd->path.len, cmd->path.data);
             ctx->refused++;
+
+            /* probing for an open relay costs errors too */
+            ngx_mail_sg_count_error(s, ctx);
             return;
         }
     }

@@ -1267,3 +1267,18 @@ def test_log_line_for_transaction_without_data(srv, pg):
     assert len(lines) == 1, lines
     assert "ended before the end of data" in lines[0]
     assert count_from(pg, sender) == 0
+
+
+def test_relay_probing_ends_at_max_errors(make):
+    """RFC 5321, 4.2.4 and nginx's max_errors: refused relay attempts count
+    as errors, so a client cannot probe for an open relay without limit."""
+    inst = make("max_errors 3;")
+    with Session(inst.smtp_port) as s:
+        s.cmd("EHLO client.example")
+        assert s.cmd("MAIL FROM:<a@client.example>")[0] == 250
+        r = [s.cmd("RCPT TO:<x%d@elsewhere.example>" % i) for i in range(2)]
+        assert codes(r) == [554, 554], r
+        assert s.cmd("RCPT TO:<x2@elsewhere.example>")[0] == 554
+        r = s.reply()
+        assert r[0] == 421 and last(r).startswith("421 4.7.0"), r
+        assert s.rest() == b""
