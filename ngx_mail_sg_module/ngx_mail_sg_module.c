@@ -394,7 +394,14 @@ ngx_mail_sg_block_reading(ngx_event_t *rev)
 
     if (ngx_handle_read_event(rev, 0) != NGX_OK) {
         if (s->resolver_ctx) {
-            ngx_resolve_addr_done(s->resolver_ctx);
+            /* the reverse lookup, or the forward one confirming it */
+            if (s->resolver_ctx->handler == ngx_mail_sg_resolved) {
+                ngx_resolve_addr_done(s->resolver_ctx);
+
+            } else {
+                ngx_resolve_name_done(s->resolver_ctx);
+            }
+
             s->resolver_ctx = NULL;
         }
 
@@ -1024,6 +1031,7 @@ ngx_mail_sg_mail(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx,
     sg_smtp_cmd_t *cmd)
 {
     off_t                     size;
+    u_char                   *mark;
     size_t                    i, n;
     sg_str_t                  v;
     ngx_connection_t         *c;
@@ -1057,6 +1065,8 @@ ngx_mail_sg_mail(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx,
         ngx_mail_sg_reply(s, ctx, "451 4.3.0 Error: out of memory");
         return;
     }
+
+    mark = ctx->out->last;
 
     for (i = 0; i < cmd->nparams; i++) {
         p = &cmd->params[i];
@@ -1214,6 +1224,11 @@ unsupported:
 
 failed:
 
+    if (ctx->out->last == mark) {
+        /* every command gets its reply, even out of memory */
+        ngx_mail_sg_reply(s, ctx, "451 4.3.0 Error: temporary failure");
+    }
+
     ngx_mail_sg_reset(ctx);
 }
 
@@ -1224,7 +1239,7 @@ static void
 ngx_mail_sg_rcpt(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx,
     sg_smtp_cmd_t *cmd)
 {
-    u_char                   *tag;
+    u_char                   *tag, *mark;
     size_t                    i, n;
     ngx_uint_t                relay;
     sg_str_t                  local, v;
@@ -1315,6 +1330,7 @@ ngx_mail_sg_rcpt(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx,
 
     ngx_memzero(r, sizeof(ngx_mail_sg_rcpt_t));
     r->local = (domain != NULL);
+    mark = ctx->out->last;
 
     for (i = 0; i < cmd->nparams; i++) {
         p = &cmd->params[i];
@@ -1420,6 +1436,10 @@ unsupported:
 
 failed:
 
+    if (ctx->out->last == mark) {
+        ngx_mail_sg_reply(s, ctx, "451 4.3.0 Error: temporary failure");
+    }
+
     ctx->rcpts->nelts--;
 }
 
@@ -1481,9 +1501,7 @@ void
 ngx_mail_sg_reset(ngx_mail_sg_ctx_t *ctx)
 {
     /* a transaction that ended before its data still gets its line */
-    if (ctx->tpool && ctx->in_mail && !ctx->logged && ctx->rcpts
-        && ctx->rcpts->nelts)
-    {
+    if (ctx->tpool && ctx->in_mail && !ctx->logged && ctx->rcpts) {
         ngx_mail_sg_log(ctx->session, ctx, "no message: ended before the"
                         " end of data");
     }

@@ -1282,3 +1282,28 @@ def test_relay_probing_ends_at_max_errors(make):
         r = s.reply()
         assert r[0] == 421 and last(r).startswith("421 4.7.0"), r
         assert s.rest() == b""
+
+
+def test_early_talker_without_greeting_delay(sg_instance, local_domain):
+    """RFC 5321, 4.3.1: a client must wait for the greeting. Without any
+    sg_smtp_greeting_delay, input already waiting when the greeting is
+    due is refused: behind a PROXY protocol listener the header and an
+    EHLO sent in one write make the EHLO arrive before the greeting."""
+    from sgtest import free_port
+    port = free_port()
+    inst = wait_ready(sg_instance(
+        extra_mail_server="listen 127.0.0.1:%d proxy_protocol;\n"
+                          "set_real_ip_from 127.0.0.1;" % port))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 4444 25\r\nEHLO early\r\n")
+        f = s.makefile("rb")
+        code, lines = read_reply(f)
+        assert code == 554 and lines[-1].startswith("554 5.5.1"), lines
+        try:
+            assert f.read() == b""
+        except ConnectionResetError:
+            pass
+    # a patient client on the same listener is greeted
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 4444 25\r\n")
+        assert read_reply(s.makefile("rb"))[0] == 220

@@ -502,13 +502,15 @@ def dnsmasq(sg_tmp):
          "--ptr-record=3.0.0.127.in-addr.arpa,other.example.test",
          # a PTR that does not resolve back: claims a whitelisted name
          "--ptr-record=4.0.0.127.in-addr.arpa,fake.whitelisted.test",
+         # not a host name (an underscore): never trusted, never logged raw
+         "--ptr-record=5.0.0.127.in-addr.arpa,bad_name.whitelisted.test",
+         "--host-record=bad_name.whitelisted.test,127.0.0.5",
          # forward confirmation: the name must resolve back to the client
          "--host-record=client.whitelisted.test,127.0.0.1",
          "--host-record=other.example.test,127.0.0.3"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     time.sleep(0.3)
-    if p.poll() is not None:
-        pytest.skip("dnsmasq does not start: %s" % p.stdout.read())
+    assert p.poll() is None, "dnsmasq does not start: %s" % p.stdout.read()
     yield port
     p.terminate()
     try:
@@ -538,6 +540,8 @@ def test_whitelist_by_reverse_dns_name(inst, sg_instance, dnsmasq, pg):
     # a name that does not resolve back to the client is not trusted
     assert "STARTTLS" in ehlo_caps(port, source="127.0.0.4")
     assert "does not resolve back" in log_text(s2)
+    assert "STARTTLS" in ehlo_caps(port, source="127.0.0.5")
+    assert "has an invalid host name" in log_text(s2)
     assert "STARTTLS not offered: client on the STARTTLS whitelist" \
         in log_text(s2)
     # the name is in the Received header and the queue record
