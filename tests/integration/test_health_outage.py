@@ -1,6 +1,8 @@
 """Health endpoint, and PostgreSQL / Redis stopped and restarted under a
 running nginx (issue 2, items 3, 5 and 8)."""
 
+import os
+import re
 import socket
 import time
 
@@ -248,3 +250,54 @@ def test_redis_down_and_back(sg, redis_srv):
         assert_patch_reaches_worker(sg, pid)
     finally:
         sg.reset_settings()
+
+
+def _sg_backends(pg, app):
+    conn = pg.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity"
+                        " WHERE application_name = %s", (app,))
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_postgres_pool_size(sg_instance, pg):
+    """Issue 2, item 3: a small pool per worker (sg_postgres_pool) plus one
+    connection that only LISTENs."""
+    before = _sg_backends(pg, "sg"), _sg_backends(pg, "sg-listen")
+    inst = sg_instance(workers=2, extra_main="sg_postgres_pool 3;")
+    poll_health(inst, lambda r: r.status_code == 200)
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        now = _sg_backends(pg, "sg"), _sg_backends(pg, "sg-listen")
+        if now == (before[0] + 6, before[1] + 2):
+            break
+        time.sleep(0.2)
+    assert now == (before[0] + 6, before[1] + 2), (before, now)
+
+
+def test_postgres_reconnect_backs_off(sg, pg):
+    """Issue 2, item 3: reconnects back off (100 ms, doubling, at most
+    5 s) instead of hammering a PostgreSQL that is down."""
+    mark = os.path.getsize(sg.error_log)
+    pg.stop()
+    try:
+        deadline = time.monotonic() + WAIT
+        delays = []
+        while time.monotonic() < deadline:
+            with open(sg.error_log, errors="replace") as f:
+                f.seek(mark)
+                delays = [int(d) for d in re.findall(
+                    r"postgresql connection 0 \w+: .*?, retrying in (\d+)ms",
+                    f.read())]
+            if len(delays) >= 4:
+                break
+            time.sleep(0.2)
+    finally:
+        pg.start()
+    poll_health(sg, lambda r: r.status_code == 200)
+    assert len(delays) >= 4, delays
+    assert delays[:4] == [100, 200, 400, 800], delays
+    assert max(delays) <= 5000

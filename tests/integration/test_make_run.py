@@ -283,3 +283,46 @@ def test_make_run_from_untraversable_folder(module_so):
             shutil.rmtree(parent, ignore_errors=True)
             if os.path.isdir(state):
                 shutil.rmtree(state, ignore_errors=True)
+
+
+def test_make_run_target_with_outbound_overrides(tmp_path_factory):
+    """Issue 2, item 7: `make run` itself (deps check, build, instance) with
+    SG_RESOLVER and SG_CA_FILE: they reach nginx.conf as sg_resolver and
+    sg_trusted_ca, nginx accepts them, the instance is healthy; `make stop`
+    stops it. A bad SG_RESOLVER makes `make run` fail with nginx's clear
+    message naming the value."""
+    base = sgtest.make_tmp()
+    project = os.path.join(base, "sg")
+    os.makedirs(project)
+    copy_project(project)
+    mr = MakeRun(project, os.path.join(project, "build", "ngx_sg_module.so"))
+    mr.env.pop("SG_MODULE_SO")
+    ca = "/etc/ssl/certs/ca-certificates.crt"
+    env = dict(mr.env, SG_RESOLVER="127.0.0.1:5353", SG_CA_FILE=ca)
+    try:
+        p = subprocess.run(["make", "-C", project, "run"], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "sg is running" in p.stdout
+        conf = open(os.path.join(project, "var", "nginx",
+                                 "nginx.conf")).read()
+        assert "sg_resolver 127.0.0.1:5353;" in conf
+        assert "sg_trusted_ca %s;" % ca in conf
+        r = api(type("I", (), {"base_url": mr.base_url, "token": mr.token}),
+                "GET", "/api/v1/health")
+        assert r.status_code == 200, r.text
+        p = subprocess.run(["make", "-C", project, "stop"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert not any(sginstance.pid_alive(pid)
+                       for pid in mr.pids().values() if pid)
+
+        env["SG_RESOLVER"] = "not-an-address"
+        p = subprocess.run(["make", "-C", project, "run"], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode != 0
+        assert 'invalid resolver "not-an-address"' in p.stdout + p.stderr
+    finally:
+        subprocess.run(["make", "-C", project, "stop"], env=env,
+                       capture_output=True, timeout=120)
+        sgtest.remove_tmp(base)
