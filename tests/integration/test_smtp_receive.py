@@ -1307,3 +1307,18 @@ def test_early_talker_without_greeting_delay(sg_instance, local_domain):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 4444 25\r\n")
         assert read_reply(s.makefile("rb"))[0] == 220
+
+
+def test_nul_byte_in_data_is_kept(srv, pg):
+    """RFC 5321, 4.1.1.4 / RFC-NOTES: message data is stored as received
+    (only dot-stuffing is removed): a NUL byte in the body is kept."""
+    sender = marker()
+    with Session(srv.smtp_port) as s:
+        s.cmd("EHLO client.example")
+        r = s.pipeline(["MAIL FROM:<%s>" % sender, "RCPT TO:<%s>" % RCPT,
+                        "DATA"])
+        assert codes(r) == [250, 250, 354], r
+        s.send(b"Subject: nul\r\n\r\na\x00b\r\n.\r\n")
+        qid = queue_id(s.reply())
+    body = bytes(message(pg, qid)["body"])
+    assert body.endswith(b"\r\n\r\na\x00b\r\n"), body[-40:]

@@ -1194,3 +1194,26 @@ def test_log_requiretls_matches_flag(inst):
                ["u+requiretls@local.test"])
     assert message(inst.pg, qid)["requiretls"] is True
     assert "requiretls=no" not in _log_line(inst, qid)
+
+
+def test_starttls_falls_back_to_nginx_conf_certificate(inst, pg):
+    """Issue 3, item 2: the nginx.conf certificate is the fallback: with no
+    active certificate (and TLS enabled) STARTTLS is still offered and
+    serves the mail server's ssl_certificate; activating a stored one
+    switches to it without a reload."""
+    with open(inst.cert_file) as f:
+        conf_der = ssl.PEM_cert_to_DER_cert(f.read())
+    other_pem, other_key = make_self_signed("mx3.example")
+    other_id = store_certificate(pg.conninfo, other_pem, other_key,
+                                 "mx3.example", activate=False)
+    other_der = ssl.PEM_cert_to_DER_cert(other_pem)
+    master = inst.nginx.pid
+    try:
+        patch_settings(inst, {"active_certificate_id": other_id})
+        assert wait_for(lambda: tls_cert_der(inst.smtp_port)[0] == other_der)
+        patch_settings(inst, {"active_certificate_id": None})
+        assert wait_for(lambda: tls_cert_der(inst.smtp_port)[0] == conf_der)
+        assert "STARTTLS" in ehlo_caps(inst.smtp_port)
+        assert inst.nginx.pid == master
+    finally:
+        inst.reset_settings()
