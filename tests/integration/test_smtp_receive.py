@@ -1322,3 +1322,32 @@ def test_nul_byte_in_data_is_kept(srv, pg):
         qid = queue_id(s.reply())
     body = bytes(message(pg, qid)["body"])
     assert body.endswith(b"\r\n\r\na\x00b\r\n"), body[-40:]
+
+
+def test_unix_socket_listener_queues_without_client_ip(sg_instance, pg,
+                                                       local_domain):
+    """A mail server listening on a unix socket: the message is queued
+    with no client IP address (client_ip NULL) instead of failing."""
+    import os
+    import tempfile
+    d = tempfile.mkdtemp(prefix="sgunix-", dir="/tmp")
+    os.chmod(d, 0o777)
+    path = os.path.join(d, "smtp.sock")
+    inst = wait_ready(sg_instance(
+        extra_mail_server="listen unix:%s;" % path))
+    sender = marker()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(15)
+        s.connect(path)
+        f = s.makefile("rb")
+        assert read_reply(f)[0] == 220
+        s.sendall(b"EHLO unix.example\r\n")
+        assert read_reply(f)[0] == 250
+        s.sendall(("MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n"
+                   % (sender, RCPT)).encode())
+        r = [read_reply(f) for _ in range(3)]
+        assert codes(r) == [250, 250, 354], r
+        s.sendall(SIMPLE)
+        qid = queue_id(read_reply(f))
+    assert message(pg, qid)["client_ip"] is None
+    shutil.rmtree(d, ignore_errors=True)
