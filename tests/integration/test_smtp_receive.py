@@ -1350,4 +1350,3 @@ def test_unix_socket_listener_queues_without_client_ip(sg_instance, pg,
         s.sendall(SIMPLE)
         qid = queue_id(read_reply(f))
     assert message(pg, qid)["client_ip"] is None
-    shutil.rmtree(d, ignore_errors=True)
