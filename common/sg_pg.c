@@ -92,6 +92,8 @@ static void sg_pg_unwrap(sg_pg_conn_t *pc);
 static ngx_int_t sg_pg_want(sg_pg_conn_t *pc, ngx_uint_t read,
     ngx_uint_t write);
 static void sg_pg_dispatch(sg_pg_pool_t *pool);
+static ngx_int_t sg_pg_query_create(sg_pg_pool_t *pool, const char *sql,
+    ngx_uint_t nparams, sg_pg_query_t **qp);
 static void sg_pg_enqueue(sg_pg_pool_t *pool, sg_pg_query_t *q);
 static void sg_pg_dispatch_handler(ngx_event_t *ev);
 static ngx_int_t sg_pg_send(sg_pg_conn_t *pc, sg_pg_query_t *q);
@@ -189,34 +191,14 @@ sg_pg_query(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
     const char *const *params, sg_pg_handler_pt handler, void *data)
 {
     size_t          len;
+    ngx_int_t       rc;
     ngx_uint_t      i;
     sg_pg_query_t  *q;
 
-    if (pool == NULL || pool->destroyed) {
-        return NGX_DECLINED;
+    rc = sg_pg_query_create(pool, sql, nparams, &q);
+    if (rc != NGX_OK) {
+        return rc;
     }
-
-    if (sg_pg_up(pool) == 0 && sg_pg_connecting(pool) == 0) {
-        return NGX_DECLINED;
-    }
-
-    if (pool->npending >= SG_PG_MAX_PENDING || nparams > SG_PG_MAX_PARAMS) {
-        return NGX_BUSY;
-    }
-
-    q = ngx_calloc(sizeof(sg_pg_query_t), pool->log);
-    if (q == NULL) {
-        return NGX_ERROR;
-    }
-
-    len = ngx_strlen(sql) + 1;
-    q->sql = ngx_alloc(len, pool->log);
-    if (q->sql == NULL) {
-        ngx_free(q);
-        return NGX_ERROR;
-    }
-
-    ngx_memcpy(q->sql, sql, len);
 
     for (i = 0; i < nparams; i++) {
         if (params[i] == NULL) {
@@ -248,8 +230,40 @@ ngx_int_t
 sg_pg_query_params(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
     const sg_pg_param_t *params, sg_pg_handler_pt handler, void *data)
 {
-    size_t          len;
+    ngx_int_t       rc;
     ngx_uint_t      i;
+    sg_pg_query_t  *q;
+
+    rc = sg_pg_query_create(pool, sql, nparams, &q);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    q->borrowed = 1;
+
+    for (i = 0; i < nparams; i++) {
+        q->params[i] = (char *) params[i].data;
+        q->lengths[i] = (int) params[i].len;
+        q->formats[i] = params[i].binary;
+    }
+
+    q->nparams = nparams;
+    q->handler = handler;
+    q->data = data;
+
+    sg_pg_enqueue(pool, q);
+
+    return NGX_OK;
+}
+
+
+/* the checks both entry points make, and the query with its SQL copied */
+
+static ngx_int_t
+sg_pg_query_create(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
+    sg_pg_query_t **qp)
+{
+    size_t          len;
     sg_pg_query_t  *q;
 
     if (pool == NULL || pool->destroyed) {
@@ -278,19 +292,7 @@ sg_pg_query_params(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
 
     ngx_memcpy(q->sql, sql, len);
 
-    q->borrowed = 1;
-
-    for (i = 0; i < nparams; i++) {
-        q->params[i] = (char *) params[i].data;
-        q->lengths[i] = (int) params[i].len;
-        q->formats[i] = params[i].binary;
-    }
-
-    q->nparams = nparams;
-    q->handler = handler;
-    q->data = data;
-
-    sg_pg_enqueue(pool, q);
+    *qp = q;
 
     return NGX_OK;
 }
