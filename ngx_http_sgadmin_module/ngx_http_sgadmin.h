@@ -96,6 +96,12 @@ void ngx_http_sgadmin_settings_patch(ngx_http_request_t *r,
 void ngx_http_sgadmin_op(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx,
     const char *sql, ngx_uint_t nparams, const char **params,
     ngx_uint_t status, const char *conflict);
+void ngx_http_sgadmin_op_json(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx, const char *sql, ngx_uint_t nparams,
+    const char **params, json_t *body, ngx_uint_t status,
+    const char *conflict);
+void ngx_http_sgadmin_id_list(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx, const char *sql);
 void ngx_http_sgadmin_audit_params(ngx_http_sgadmin_ctx_t *ctx,
     const char **params, u_char *id);
 void ngx_http_sgadmin_error(json_t *errors, const char *field,

@@ -164,35 +164,7 @@ void
 ngx_http_sgadmin_domains_list(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {
-    json_t      *errors;
-    ngx_str_t    cursor;
-    const char  *params[2];
-    u_char       limit[NGX_INT_T_LEN + 1], id[NGX_HTTP_SGADMIN_ID_MAX + 1];
-
-    errors = json_array();
-
-    if (ngx_http_sgadmin_page_args(r, errors, limit, &cursor) == NGX_OK) {
-
-        if (cursor.len == 0) {
-            ngx_cpystrn(id, (u_char *) "0", sizeof(id));
-
-        } else if (ngx_http_sgadmin_parse_id(&cursor, id) != NGX_OK) {
-            ngx_http_sgadmin_error(errors, "cursor",
-                                   "is not a cursor of this list");
-        }
-    }
-
-    if (ngx_http_sgadmin_refuse(r, errors, "the query is not valid")
-        != NGX_OK)
-    {
-        return;
-    }
-
-    params[0] = (const char *) id;
-    params[1] = (const char *) limit;
-
-    ngx_http_sgadmin_op(r, ctx, ngx_http_sgadmin_domains_list_sql, 2, params,
-                        NGX_HTTP_OK, NULL);
+    ngx_http_sgadmin_id_list(r, ctx, ngx_http_sgadmin_domains_list_sql);
 }
 
 
@@ -217,7 +189,6 @@ void
 ngx_http_sgadmin_domains_create(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {
-    char        *text;
     json_t      *norm;
     const char  *params[4];
     u_char       token[NGX_INT64_LEN + 1];
@@ -227,22 +198,11 @@ ngx_http_sgadmin_domains_create(ngx_http_request_t *r,
         return;
     }
 
-    text = json_dumps(norm, JSON_COMPACT);
-    json_decref(norm);
-
-    if (text == NULL) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
     ngx_http_sgadmin_audit_params(ctx, params, token);
-    params[3] = text;
 
-    ngx_http_sgadmin_op(r, ctx, ngx_http_sgadmin_domains_create_sql, 4,
-                        params, NGX_HTTP_CREATED,
-                        "a domain with this name exists");
-    free(text);
+    ngx_http_sgadmin_op_json(r, ctx, ngx_http_sgadmin_domains_create_sql, 4,
+                             params, norm, NGX_HTTP_CREATED,
+                             "a domain with this name exists");
 }
 
 
@@ -250,7 +210,6 @@ void
 ngx_http_sgadmin_domains_update(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {
-    char        *text;
     json_t      *norm;
     const char  *params[6];
     u_char       token[NGX_INT64_LEN + 1];
@@ -266,22 +225,11 @@ ngx_http_sgadmin_domains_update(ngx_http_request_t *r,
         return;
     }
 
-    text = json_dumps(norm, JSON_COMPACT);
-    json_decref(norm);
-
-    if (text == NULL) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
     ngx_http_sgadmin_audit_params(ctx, params, token);
-    params[5] = text;
 
-    ngx_http_sgadmin_op(r, ctx, ngx_http_sgadmin_domains_update_sql, 6,
-                        params, NGX_HTTP_OK,
-                        "a domain with this name exists");
-    free(text);
+    ngx_http_sgadmin_op_json(r, ctx, ngx_http_sgadmin_domains_update_sql, 6,
+                             params, norm, NGX_HTTP_OK,
+                             "a domain with this name exists");
 }
 
 

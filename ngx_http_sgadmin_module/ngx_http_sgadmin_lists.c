@@ -112,8 +112,6 @@ typedef struct {
 } ngx_http_sgadmin_op_t;
 
 
-static void ngx_http_sgadmin_list(ngx_http_request_t *r,
-    ngx_http_sgadmin_ctx_t *ctx, const char *sql);
 static void ngx_http_sgadmin_create(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx, ngx_uint_t relay);
 static void ngx_http_sgadmin_delete(ngx_http_request_t *r,
@@ -133,7 +131,7 @@ void
 ngx_http_sgadmin_whitelist_list(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {
-    ngx_http_sgadmin_list(r, ctx, ngx_http_sgadmin_wl_list);
+    ngx_http_sgadmin_id_list(r, ctx, ngx_http_sgadmin_wl_list);
 }
 
 
@@ -157,7 +155,7 @@ void
 ngx_http_sgadmin_relay_list(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {
-    ngx_http_sgadmin_list(r, ctx, ngx_http_sgadmin_relay_list_sql);
+    ngx_http_sgadmin_id_list(r, ctx, ngx_http_sgadmin_relay_list_sql);
 }
 
 
@@ -177,8 +175,10 @@ ngx_http_sgadmin_relay_delete(ngx_http_request_t *r,
 }
 
 
-static void
-ngx_http_sgadmin_list(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx,
+/* a list paged by id: ?limit= and ?cursor=<last id> */
+
+void
+ngx_http_sgadmin_id_list(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx,
     const char *sql)
 {
     json_t      *errors;
@@ -362,6 +362,36 @@ ngx_http_sgadmin_op(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx,
     {
         ngx_http_sgadmin_db_error(r, sg_pg_last_error(sg_worker.pg));
     }
+}
+
+
+/*
+ * The same, with a normalized JSON body (released here) as the last of
+ * nparams parameters.
+ */
+
+void
+ngx_http_sgadmin_op_json(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx,
+    const char *sql, ngx_uint_t nparams, const char **params, json_t *body,
+    ngx_uint_t status, const char *conflict)
+{
+    char  *text;
+
+    text = json_dumps(body, JSON_COMPACT|JSON_PRESERVE_ORDER);
+    json_decref(body);
+
+    if (text == NULL) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", "out of memory", NULL);
+        return;
+    }
+
+    params[nparams - 1] = text;
+
+    /* sg_pg_query() copies the parameters */
+    ngx_http_sgadmin_op(r, ctx, sql, nparams, params, status, conflict);
+
+    free(text);
 }
 
 

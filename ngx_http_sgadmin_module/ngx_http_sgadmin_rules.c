@@ -253,7 +253,6 @@ static void
 ngx_http_sgadmin_rule_write(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx, ngx_uint_t create)
 {
-    char        *text;
     json_t      *norm;
     const char  *params[5];
     u_char       token[NGX_INT64_LEN + 1], id[NGX_HTTP_SGADMIN_ID_MAX + 1];
@@ -269,30 +268,17 @@ ngx_http_sgadmin_rule_write(ngx_http_request_t *r,
         return;
     }
 
-    text = json_dumps(norm, JSON_COMPACT|JSON_PRESERVE_ORDER);
-    json_decref(norm);
-
-    if (text == NULL) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
     ngx_http_sgadmin_audit_params(ctx, params, token);
 
     if (create) {
-        params[3] = text;
-        ngx_http_sgadmin_op(r, ctx, ngx_http_sgadmin_rules_create_sql, 4,
-                            params, NGX_HTTP_CREATED, NULL);
-
-    } else {
-        params[3] = (const char *) id;
-        params[4] = text;
-        ngx_http_sgadmin_op(r, ctx, ngx_http_sgadmin_rules_update_sql, 5,
-                            params, NGX_HTTP_OK, NULL);
+        ngx_http_sgadmin_op_json(r, ctx, ngx_http_sgadmin_rules_create_sql,
+                                 4, params, norm, NGX_HTTP_CREATED, NULL);
+        return;
     }
 
-    free(text);
+    params[3] = (const char *) id;
+    ngx_http_sgadmin_op_json(r, ctx, ngx_http_sgadmin_rules_update_sql, 5,
+                             params, norm, NGX_HTTP_OK, NULL);
 }
 
 
