@@ -51,7 +51,6 @@ struct sg_pg_conn_s {
     ngx_msec_t           backoff;
     ngx_uint_t           index;
     unsigned             listener:1;
-    unsigned             listening:1;
 };
 
 
@@ -347,7 +346,6 @@ sg_pg_listen(sg_pg_pool_t *pool, const char *channel, sg_pg_notify_pt handler,
     pc = &pool->conns[pool->size];
 
     if (pc->state == SG_PG_IDLE) {
-        pc->listening = 0;
         sg_pg_listen_send(pc);
     }
 
@@ -561,7 +559,6 @@ sg_pg_connected(sg_pg_conn_t *pc)
     pc->state = SG_PG_IDLE;
 
     if (pc->listener) {
-        pc->listening = 0;
         sg_pg_listen_send(pc);
         return;
     }
@@ -632,7 +629,6 @@ sg_pg_close(sg_pg_conn_t *pc, const char *why)
     }
 
     pc->state = SG_PG_DOWN;
-    pc->listening = 0;
 
     q = pc->query;
     pc->query = NULL;
@@ -959,7 +955,6 @@ sg_pg_io_handler(ngx_event_t *ev)
         }
 
         if (pc->listener) {
-            pc->listening = 1;
             return;
         }
 

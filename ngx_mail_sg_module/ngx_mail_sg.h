@@ -86,7 +86,6 @@ typedef struct {
     u_char                    queue_id[17];
     ngx_str_t                 received;
     int64_t                   rule_id;
-    ngx_uint_t                nrequiretls_rcpt;
 
     unsigned                  greeted:1;
     unsigned                  skip:1;        /* inside an over-long line */
