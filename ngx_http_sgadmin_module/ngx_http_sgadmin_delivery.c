@@ -1,0 +1,3 @@
+/* stub: being written */
+#include <ngx_config.h>
+#include <ngx_core.h>
