@@ -20,6 +20,8 @@
 typedef struct {
     ngx_str_t            name;              /* lower case */
     ngx_str_t            internal_server;
+    ngx_str_t            server_host;       /* TEMP: being written */
+    in_port_t            server_port;
     unsigned             requiretls_trusted:1;
 } sg_domain_t;
 
@@ -56,6 +58,16 @@ void sg_lists_exit_worker(void);
 /* NULL until the lists were loaded once */
 sg_lists_t *sg_lists_current(void);
 
+typedef struct {                            /* TEMP: being written */
+    ngx_str_t            domain;
+    ngx_str_t            relay;
+    ngx_str_t            host;
+    in_port_t            port;
+} sg_route_t;
+
+sg_route_t *sg_lists_route(sg_lists_t *l, ngx_str_t *domain);
+ngx_uint_t sg_lists_required(sg_lists_t *l, struct sockaddr *sa,
+    ngx_str_t *host);
 sg_domain_t *sg_lists_domain(sg_lists_t *l, u_char *name, size_t len);
 ngx_uint_t sg_lists_relay_allowed(sg_lists_t *l, struct sockaddr *sa);
 ngx_uint_t sg_lists_whitelisted(sg_lists_t *l, struct sockaddr *sa,

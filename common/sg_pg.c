@@ -36,6 +36,7 @@ struct sg_pg_query_s {
     int                  formats[SG_PG_MAX_PARAMS];
     unsigned             internal:1;
     unsigned             borrowed:1;    /* params are the caller's */
+    unsigned             binary:1;      /* results in binary format */
 };
 
 
@@ -91,6 +92,9 @@ static void sg_pg_unwrap(sg_pg_conn_t *pc);
 static ngx_int_t sg_pg_want(sg_pg_conn_t *pc, ngx_uint_t read,
     ngx_uint_t write);
 static void sg_pg_dispatch(sg_pg_pool_t *pool);
+static ngx_int_t sg_pg_query_borrowed(sg_pg_pool_t *pool, const char *sql,
+    ngx_uint_t nparams, const sg_pg_param_t *params, ngx_uint_t binary,
+    sg_pg_handler_pt handler, void *data);
 static ngx_int_t sg_pg_query_create(sg_pg_pool_t *pool, const char *sql,
     ngx_uint_t nparams, sg_pg_query_t **qp);
 static void sg_pg_enqueue(sg_pg_pool_t *pool, sg_pg_query_t *q);
@@ -229,6 +233,23 @@ ngx_int_t
 sg_pg_query_params(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
     const sg_pg_param_t *params, sg_pg_handler_pt handler, void *data)
 {
+    return sg_pg_query_borrowed(pool, sql, nparams, params, 0, handler, data);
+}
+
+
+ngx_int_t
+sg_pg_query_binary(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
+    const sg_pg_param_t *params, sg_pg_handler_pt handler, void *data)
+{
+    return sg_pg_query_borrowed(pool, sql, nparams, params, 1, handler, data);
+}
+
+
+static ngx_int_t
+sg_pg_query_borrowed(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
+    const sg_pg_param_t *params, ngx_uint_t binary, sg_pg_handler_pt handler,
+    void *data)
+{
     ngx_int_t       rc;
     ngx_uint_t      i;
     sg_pg_query_t  *q;
@@ -239,6 +260,7 @@ sg_pg_query_params(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
     }
 
     q->borrowed = 1;
+    q->binary = binary;
 
     for (i = 0; i < nparams; i++) {
         q->params[i] = (char *) params[i].data;
@@ -827,7 +849,7 @@ sg_pg_send(sg_pg_conn_t *pc, sg_pg_query_t *q)
     } else {
         rc = PQsendQueryParams(pc->conn, q->sql, (int) q->nparams, NULL,
                                (const char *const *) q->params, q->lengths,
-                               q->formats, 0);
+                               q->formats, q->binary);
     }
 
     if (rc == 0) {

@@ -74,6 +74,11 @@ ngx_int_t sg_pg_query_params(sg_pg_pool_t *pool, const char *sql,
     ngx_uint_t nparams, const sg_pg_param_t *params,
     sg_pg_handler_pt handler, void *data);
 
+/* like sg_pg_query_params, with every result column in binary format */
+ngx_int_t sg_pg_query_binary(sg_pg_pool_t *pool, const char *sql,
+    ngx_uint_t nparams, const sg_pg_param_t *params,
+    sg_pg_handler_pt handler, void *data);
+
 ngx_int_t sg_pg_listen(sg_pg_pool_t *pool, const char *channel,
     sg_pg_notify_pt handler, void *data);
 
