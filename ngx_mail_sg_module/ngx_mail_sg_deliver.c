@@ -88,6 +88,7 @@ struct sg_dlv_job_s {
     json_t              *attempts;           /* rows for delivery_attempts */
     double               started;
     ngx_event_t          retry;              /* recording failed: again */
+    ngx_uint_t           retries;
 };
 
 
@@ -257,6 +258,7 @@ static void sg_dlv_dsn_loaded(void *data, PGresult *res, const char *err,
 static void sg_dlv_dsn_queued(void *data, PGresult *res, const char *err,
     const char *sqlstate);
 
+static void sg_dlv_printable(u_char *p);
 static double sg_dlv_now(void);
 static char *sg_dlv_cstr(ngx_pool_t *pool, ngx_str_t *s);
 static ngx_int_t sg_dlv_pstr(ngx_pool_t *pool, ngx_str_t *dst,
@@ -428,16 +430,19 @@ static sg_dlv_worker_t  sg_dlv;
 #define SG_DLV_CLAIM_SQL                                                     \
     "WITH due AS (SELECT id FROM recipients"                                 \
     "  WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()"   \
-    "  ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)"            \
-    " UPDATE recipients r SET state = 'delivering', claimed_by = $2,"        \
+    "  ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED),"           \
+    " c AS (UPDATE recipients r SET state = 'delivering', claimed_by = $2,"        \
     "  lease_until = now() + $3 * interval '1 second',"                      \
     "  attempts = r.attempts + 1"                                            \
     " FROM due, messages m WHERE r.id = due.id AND m.id = r.message_id"      \
     " RETURNING r.id, r.message_id, r.address, r.domain, r.local_domain,"    \
-    "  coalesce(r.dsn_notify, ''), coalesce(r.dsn_orcpt, ''), r.attempts,"   \
-    "  m.sender, m.size, m.body_type, m.smtputf8, coalesce(m.dsn_ret, ''),"  \
-    "  coalesce(m.dsn_envid, ''), m.requiretls, m.tls_required_no,"          \
-    "  extract(epoch FROM m.received_at)::bigint"
+    "  coalesce(r.dsn_notify, '') AS notify,"                                \
+    "  coalesce(r.dsn_orcpt, '') AS orcpt, r.attempts,"                      \
+    "  m.sender, m.size, m.body_type, m.smtputf8,"                           \
+    "  coalesce(m.dsn_ret, '') AS ret, coalesce(m.dsn_envid, '') AS envid,"  \
+    "  m.requiretls, m.tls_required_no,"                                     \
+    "  extract(epoch FROM m.received_at)::bigint AS received)"               \
+    " SELECT * FROM c ORDER BY message_id, domain, id"
 
 #define SG_DLV_LEASE_SQL                                                     \
     "WITH mine AS (UPDATE recipients SET"                                    \
@@ -835,7 +840,12 @@ sg_dlv_failures_notify(void *data, const char *channel, const char *payload)
 static void
 sg_dlv_poll_handler(ngx_event_t *ev)
 {
-    if (!sg_dlv.running || ngx_exiting || ngx_terminate) {
+    if (ngx_exiting) {
+        sg_dlv_release();
+        return;
+    }
+
+    if (!sg_dlv.running || ngx_terminate) {
         return;
     }
 
@@ -2027,6 +2037,7 @@ sg_dlv_attempt(sg_dlv_sess_t *sess, sg_client_info_t *info,
     ngx_uint_t     i;
     json_t        *row, *rcpts;
     sg_dlv_job_t  *job;
+    u_char         text[SG_DLV_REPLY_MAX];
 
     job = sess->job;
 
@@ -2066,8 +2077,11 @@ sg_dlv_attempt(sg_dlv_sess_t *sess, sg_client_info_t *info,
     json_object_set_new(row, "tls_reason",
                         json_string(sess->decision.reason
                                     ? sess->decision.reason : ""));
+    ngx_cpystrn(text, (u_char *) (reply ? reply : ""), sizeof(text));
+    sg_dlv_printable(text);
+
     json_object_set_new(row, "result", json_string(result));
-    json_object_set_new(row, "reply", json_string(reply ? reply : ""));
+    json_object_set_new(row, "reply", json_string((char *) text));
 
     if (info) {
         json_object_set_new(row, "starttls", json_boolean(info->tls));
@@ -2107,7 +2121,7 @@ sg_dlv_attempt(sg_dlv_sess_t *sess, sg_client_info_t *info,
                   sess->decision.rule,
                   info && info->tls ? " " : "",
                   info && info->tls ? (char *) info->tls_protocol : "",
-                  result, reply ? reply : "");
+                  result, text);
 }
 
 
@@ -2191,9 +2205,11 @@ sg_dlv_rcpt_outcome(sg_dlv_job_t *job, sg_dlv_rcpt_t *r, ngx_uint_t code,
     }
 
     ngx_cpystrn(r->reply, (u_char *) text, sizeof(r->reply));
+    sg_dlv_printable(r->reply);
 
     if (status) {
         ngx_cpystrn(r->status, (u_char *) status, sizeof(r->status));
+        sg_dlv_printable(r->status);
 
     } else {
         ngx_snprintf(r->status, sizeof(r->status) - 1, "%d.0.0%Z",
@@ -2365,6 +2381,16 @@ sg_dlv_job_retry_handler(ngx_event_t *ev)
     sg_dlv_job_t  *job;
 
     job = (sg_dlv_job_t *) ((u_char *) ev - offsetof(sg_dlv_job_t, retry));
+
+    if (ngx_exiting && ++job->retries > 60) {
+        /* the lease brings the recipients back */
+        ngx_log_error(NGX_LOG_ERR, sg_dlv.log, 0,
+                      "sg delivery: %s: results not recorded before"
+                      " shutdown; the recipients are tried again after their"
+                      " lease (they may be delivered twice)", job->id);
+        sg_dlv_job_free(job);
+        return;
+    }
 
     sg_dlv_job_record(job);
 }
@@ -3207,6 +3233,19 @@ sg_dlv_dsn_queued(void *data, PGresult *res, const char *err,
     }
 
     sg_dlv_dsn_next();
+}
+
+
+/* what came off the network goes into JSON and logs as printable ASCII */
+
+static void
+sg_dlv_printable(u_char *p)
+{
+    for ( /* void */ ; *p; p++) {
+        if (*p < 0x20 || *p >= 0x7f) {
+            *p = '?';
+        }
+    }
 }
 
 

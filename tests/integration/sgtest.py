@@ -117,6 +117,9 @@ class SgInstance:
         self.base_url = "https://127.0.0.1:%d" % self.admin_port
         self.http_url = "http://127.0.0.1:%d" % self.http_port
         self.conf = os.path.join(self.dir, "nginx.conf")
+        # delivery must never ask the system's resolver from a test: DNS
+        # goes to a dead loopback port unless a test names its server
+        conf_kw.setdefault("resolver", "127.0.0.1:9")
         sginstance.write_nginx_conf(
             self.conf, prefix_dir=self.dir, module_so=MODULE_SO,
             pg_conninfo=pg.conninfo, redis_addr=redis.address,
