@@ -20,6 +20,10 @@
     "   FROM relay_networks),"                                               \
     " 'whitelist', (SELECT coalesce(json_agg(json_build_object("             \
     "   'value', value, 'kind', kind)), '[]') FROM starttls_whitelist),"     \
+    " 'required', (SELECT coalesce(json_agg(json_build_object("              \
+    "   'value', value, 'kind', kind)), '[]') FROM starttls_required),"      \
+    " 'routes', (SELECT coalesce(json_agg(json_build_object("                \
+    "   'domain', domain, 'relay', relay)), '[]') FROM routes),"             \
     " 'rules', (SELECT coalesce(json_agg(json_build_object("                 \
     "   'id', id, 'action', action, 'conditions', conditions)"               \
     "   ORDER BY position, id), '[]')"                                       \
@@ -30,6 +34,12 @@ static void sg_lists_reload(void);
 static void sg_lists_loaded(void *data, PGresult *res, const char *err,
     const char *sqlstate);
 static sg_lists_t *sg_lists_build(json_t *doc, ngx_log_t *log);
+static ngx_int_t sg_lists_peers(ngx_pool_t *pool, json_t *list,
+    ngx_array_t *cidrs, ngx_array_t *names);
+static ngx_uint_t sg_lists_peer_match(ngx_array_t *cidrs, ngx_array_t *names,
+    struct sockaddr *sa, ngx_str_t *host);
+static ngx_int_t sg_lists_host_port(ngx_pool_t *pool, ngx_str_t *text,
+    ngx_str_t *host, in_port_t *port);
 static ngx_int_t sg_lists_str(ngx_pool_t *pool, json_t *v, ngx_str_t *s,
     ngx_uint_t lower);
 static void sg_lists_notify(void *data, const char *channel,
@@ -121,21 +131,61 @@ sg_lists_relay_allowed(sg_lists_t *l, struct sockaddr *sa)
 }
 
 
-/*
- * The STARTTLS whitelist: the address in an ip/cidr entry, or the client's
- * host name equal to a name entry or below it.
- */
-
 ngx_uint_t
 sg_lists_whitelisted(sg_lists_t *l, struct sockaddr *sa, ngx_str_t *host)
+{
+    return sg_lists_peer_match(&l->wl_cidrs, &l->wl_names, sa, host);
+}
+
+
+ngx_uint_t
+sg_lists_required(sg_lists_t *l, struct sockaddr *sa, ngx_str_t *host)
+{
+    return sg_lists_peer_match(&l->req_cidrs, &l->req_names, sa, host);
+}
+
+
+sg_route_t *
+sg_lists_route(sg_lists_t *l, ngx_str_t *domain)
+{
+    size_t       len;
+    ngx_uint_t   i;
+    sg_route_t  *rt;
+
+    len = domain->len;
+
+    if (len && domain->data[len - 1] == '.') {
+        len--;
+    }
+
+    rt = l->routes.elts;
+
+    for (i = 0; i < l->routes.nelts; i++) {
+        if (rt[i].domain.len == len
+            && ngx_strncasecmp(rt[i].domain.data, domain->data, len) == 0)
+        {
+            return &rt[i];
+        }
+    }
+
+    return l->default_route;
+}
+
+
+/*
+ * A peer list (the STARTTLS whitelist or required list): the address in
+ * an ip/cidr entry, or the host name equal to a name entry or below it.
+ */
+
+static ngx_uint_t
+sg_lists_peer_match(ngx_array_t *cidrs, ngx_array_t *names,
+    struct sockaddr *sa, ngx_str_t *host)
 {
     size_t       len;
     ngx_str_t   *n;
     ngx_uint_t   i;
 
-    if (sa && l->wl_cidrs.nelts
-        && ngx_cidr_match(sa, &l->wl_cidrs) == NGX_OK)
-    {
+    if (sa && cidrs->nelts && ngx_cidr_match(sa, cidrs) == NGX_OK) {
         return 1;
     }
 
@@ -149,9 +199,9 @@ sg_lists_whitelisted(sg_lists_t *l, struct sockaddr *sa, ngx_str_t *host)
         len--;
     }
 
-    n = l->wl_names.elts;
+    n = names->elts;
 
-    for (i = 0; i < l->wl_names.nelts; i++) {
+    for (i = 0; i < names->nelts; i++) {
 
         if (n[i].len > len) {
             continue;
@@ -248,6 +298,7 @@ sg_lists_build(json_t *doc, ngx_log_t *log)
     ngx_cidr_t          *cidr;
     sg_rule_t           *rule;
     sg_lists_t          *l;
+    sg_route_t          *rt;
     sg_domain_t         *d;
     const char          *field, *match;
     sg_rule_cond_t      *cond;
@@ -268,6 +319,11 @@ sg_lists_build(json_t *doc, ngx_log_t *log)
            != NGX_OK
         || ngx_array_init(&l->wl_names, pool, 8, sizeof(ngx_str_t))
            != NGX_OK
+        || ngx_array_init(&l->req_cidrs, pool, 8, sizeof(ngx_cidr_t))
+           != NGX_OK
+        || ngx_array_init(&l->req_names, pool, 8, sizeof(ngx_str_t))
+           != NGX_OK
+        || ngx_array_init(&l->routes, pool, 8, sizeof(sg_route_t)) != NGX_OK
         || ngx_array_init(&l->rules, pool, 8, sizeof(sg_rule_t)) != NGX_OK)
     {
         goto failed;
@@ -288,6 +344,19 @@ sg_lists_build(json_t *doc, ngx_log_t *log)
         }
 
         d->requiretls_trusted = json_is_true(json_object_get(v, "trusted"));
+
+        if (sg_lists_host_port(pool, &d->internal_server, &d->server_host,
+                               &d->server_port)
+            != NGX_OK)
+        {
+            /* the API validates it: only a hand-written row gets here */
+            ngx_log_error(NGX_LOG_ERR, log, 0,
+                          "sg: local domain \"%V\": internal server \"%V\""
+                          " is not host:port, its mail cannot be delivered",
+                          &d->name, &d->internal_server);
+            ngx_str_null(&d->server_host);
+            d->server_port = 0;
+        }
     }
 
     json_array_foreach(json_object_get(doc, "relay"), i, v) {
@@ -299,27 +368,47 @@ sg_lists_build(json_t *doc, ngx_log_t *log)
         }
     }
 
-    json_array_foreach(json_object_get(doc, "whitelist"), i, v) {
-        if (sg_lists_str(pool, json_object_get(v, "value"), &text, 1)
-            != NGX_OK)
+    if (sg_lists_peers(pool, json_object_get(doc, "whitelist"), &l->wl_cidrs,
+                       &l->wl_names)
+        != NGX_OK
+        || sg_lists_peers(pool, json_object_get(doc, "required"),
+                          &l->req_cidrs, &l->req_names)
+           != NGX_OK)
+    {
+        goto failed;
+    }
+
+    json_array_foreach(json_object_get(doc, "routes"), i, v) {
+        rt = ngx_array_push(&l->routes);
+        if (rt == NULL
+            || sg_lists_str(pool, json_object_get(v, "domain"), &rt->domain,
+                            1)
+               != NGX_OK
+            || sg_lists_str(pool, json_object_get(v, "relay"), &rt->relay, 0)
+               != NGX_OK)
         {
             goto failed;
         }
 
-        if (ngx_strcmp(json_string_value(json_object_get(v, "kind")), "name")
-            == 0)
+        if (sg_lists_host_port(pool, &rt->relay, &rt->host, &rt->port)
+            != NGX_OK)
         {
-            if (ngx_array_push(&l->wl_names) == NULL) {
-                goto failed;
-            }
-
-            ((ngx_str_t *) l->wl_names.elts)[l->wl_names.nelts - 1] = text;
+            ngx_log_error(NGX_LOG_ERR, log, 0,
+                          "sg: route for \"%V\" is skipped: relay \"%V\" is"
+                          " not host:port", &rt->domain, &rt->relay);
+            l->routes.nelts--;
             continue;
         }
 
-        cidr = ngx_array_push(&l->wl_cidrs);
-        if (cidr == NULL || ngx_ptocidr(&text, cidr) == NGX_ERROR) {
-            goto failed;
+        if (rt->domain.len == 1 && rt->domain.data[0] == '*') {
+            /* "*" is no domain: it stays out of the exact matches */
+            l->default_route = ngx_palloc(pool, sizeof(sg_route_t));
+            if (l->default_route == NULL) {
+                goto failed;
+            }
+
+            *l->default_route = *rt;
+            l->routes.nelts--;
         }
     }
 
@@ -407,6 +496,111 @@ failed:
     ngx_destroy_pool(pool);
 
     return NULL;
+}
+
+
+/* [{"value", "kind"}] into cidrs (ip, cidr) and names */
+
+static ngx_int_t
+sg_lists_peers(ngx_pool_t *pool, json_t *list, ngx_array_t *cidrs,
+    ngx_array_t *names)
+{
+    size_t        i;
+    json_t       *v;
+    ngx_str_t     text, *name;
+    ngx_cidr_t   *cidr;
+    const char   *kind;
+
+    json_array_foreach(list, i, v) {
+        if (sg_lists_str(pool, json_object_get(v, "value"), &text, 1)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        kind = json_string_value(json_object_get(v, "kind"));
+
+        if (kind && ngx_strcmp(kind, "name") == 0) {
+            name = ngx_array_push(names);
+            if (name == NULL) {
+                return NGX_ERROR;
+            }
+
+            *name = text;
+            continue;
+        }
+
+        cidr = ngx_array_push(cidrs);
+        if (cidr == NULL || ngx_ptocidr(&text, cidr) == NGX_ERROR) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * "host:port" or "[IPv6]:port"; without ":port", port 25 (SMTP).  host
+ * is copied lower-cased and NUL-terminated, without brackets.
+ */
+
+static ngx_int_t
+sg_lists_host_port(ngx_pool_t *pool, ngx_str_t *text, ngx_str_t *host,
+    in_port_t *port)
+{
+    u_char     *p, *last, *close, *colon;
+    ngx_int_t   n;
+    ngx_str_t   h;
+
+    p = text->data;
+    last = p + text->len;
+
+    if (p < last && *p == '[') {
+        close = ngx_strlchr(p, last, ']');
+        if (close == NULL) {
+            return NGX_ERROR;
+        }
+
+        h.data = p + 1;
+        h.len = close - p - 1;
+        colon = (close + 1 < last) ? close + 1 : NULL;
+
+        if (colon && *colon != ':') {
+            return NGX_ERROR;
+        }
+
+    } else {
+        colon = ngx_strlchr(p, last, ':');
+        h.data = p;
+        h.len = (colon ? colon : last) - p;
+    }
+
+    if (h.len == 0) {
+        return NGX_ERROR;
+    }
+
+    *port = 25;
+
+    if (colon) {
+        n = ngx_atoi(colon + 1, last - colon - 1);
+        if (n < 1 || n > 65535) {
+            return NGX_ERROR;
+        }
+
+        *port = (in_port_t) n;
+    }
+
+    host->len = h.len;
+    host->data = ngx_pnalloc(pool, h.len + 1);
+    if (host->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_strlow(host->data, h.data, h.len);
+    host->data[h.len] = '\0';
+
+    return NGX_OK;
 }
 
 

@@ -1,7 +1,8 @@
 /*
  * sg: the lists every worker keeps in memory — local domains, relay
- * networks, the STARTTLS whitelist and content filter rules — reloaded
- * when PostgreSQL says they changed (NOTIFY sg_lists).
+ * networks, the STARTTLS whitelist and required list, routes and content
+ * filter rules — reloaded when PostgreSQL says they changed (NOTIFY
+ * sg_lists).
  */
 
 #ifndef _SG_LISTS_H_INCLUDED_
@@ -19,9 +20,9 @@
 
 typedef struct {
     ngx_str_t            name;              /* lower case */
-    ngx_str_t            internal_server;
-    ngx_str_t            server_host;       /* TEMP: being written */
-    in_port_t            server_port;
+    ngx_str_t            internal_server;   /* host:port, as stored */
+    ngx_str_t            server_host;       /* name or IP, no [] */
+    in_port_t            server_port;       /* 25 when not given */
     unsigned             requiretls_trusted:1;
 } sg_domain_t;
 
@@ -42,12 +43,26 @@ typedef struct {
 } sg_rule_t;
 
 
+/* mail for domain (or, for "*", every domain without a route) goes here */
+
+typedef struct {
+    ngx_str_t            domain;            /* lower case, or "*" */
+    ngx_str_t            relay;             /* host:port, as stored */
+    ngx_str_t            host;              /* name or IP, no [] */
+    in_port_t            port;
+} sg_route_t;
+
+
 typedef struct {
     ngx_pool_t          *pool;              /* this generation's memory */
     ngx_array_t          domains;           /* sg_domain_t */
     ngx_array_t          relay;             /* ngx_cidr_t */
     ngx_array_t          wl_cidrs;          /* ngx_cidr_t */
     ngx_array_t          wl_names;          /* ngx_str_t, lower case */
+    ngx_array_t          req_cidrs;         /* ngx_cidr_t */
+    ngx_array_t          req_names;         /* ngx_str_t, lower case */
+    ngx_array_t          routes;            /* sg_route_t */
+    sg_route_t          *default_route;     /* the "*" route, or NULL */
     ngx_array_t          rules;             /* sg_rule_t, in order */
 } sg_lists_t;
 
@@ -58,20 +73,21 @@ void sg_lists_exit_worker(void);
 /* NULL until the lists were loaded once */
 sg_lists_t *sg_lists_current(void);
 
-typedef struct {                            /* TEMP: being written */
-    ngx_str_t            domain;
-    ngx_str_t            relay;
-    ngx_str_t            host;
-    in_port_t            port;
-} sg_route_t;
-
-sg_route_t *sg_lists_route(sg_lists_t *l, ngx_str_t *domain);
-ngx_uint_t sg_lists_required(sg_lists_t *l, struct sockaddr *sa,
-    ngx_str_t *host);
 sg_domain_t *sg_lists_domain(sg_lists_t *l, u_char *name, size_t len);
 ngx_uint_t sg_lists_relay_allowed(sg_lists_t *l, struct sockaddr *sa);
+
+/*
+ * The STARTTLS whitelist and required list: sa (may be NULL) in an ip or
+ * cidr entry, or host (may be NULL; a trailing dot is ignored) equal to a
+ * name entry or below it.
+ */
 ngx_uint_t sg_lists_whitelisted(sg_lists_t *l, struct sockaddr *sa,
     ngx_str_t *host);
+ngx_uint_t sg_lists_required(sg_lists_t *l, struct sockaddr *sa,
+    ngx_str_t *host);
+
+/* the route of domain (case-insensitive), else the "*" route, else NULL */
+sg_route_t *sg_lists_route(sg_lists_t *l, ngx_str_t *domain);
 
 
 #endif /* _SG_LISTS_H_INCLUDED_ */

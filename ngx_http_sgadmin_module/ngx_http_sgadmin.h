@@ -76,6 +76,8 @@ void ngx_http_sgadmin_send_text(ngx_http_request_t *r, ngx_uint_t status,
 void ngx_http_sgadmin_problem(ngx_http_request_t *r, ngx_uint_t status,
     const char *type, const char *detail, json_t *errors);
 void ngx_http_sgadmin_db_error(ngx_http_request_t *r, const char *err);
+void ngx_http_sgadmin_no_content(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
 double ngx_http_sgadmin_now_ms(void);
 
 void ngx_http_sgadmin_settings_get(ngx_http_request_t *r,
@@ -83,7 +85,10 @@ void ngx_http_sgadmin_settings_get(ngx_http_request_t *r,
 void ngx_http_sgadmin_settings_patch(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 
-/* lists, domains and rules (ngx_http_sgadmin_lists.c, _domains.c, _rules.c) */
+/*
+ * lists, domains, rules and delivery (ngx_http_sgadmin_lists.c, _domains.c,
+ * _rules.c, _delivery.c)
+ */
 
 #define NGX_HTTP_SGADMIN_LIMIT_DEFAULT   100
 #define NGX_HTTP_SGADMIN_LIMIT_MAX       500
@@ -121,6 +126,12 @@ void ngx_http_sgadmin_whitelist_create(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 void ngx_http_sgadmin_whitelist_delete(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_required_list(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_required_create(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_required_delete(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
 void ngx_http_sgadmin_relay_list(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 void ngx_http_sgadmin_relay_create(ngx_http_request_t *r,
@@ -150,9 +161,29 @@ void ngx_http_sgadmin_rules_update(ngx_http_request_t *r,
 void ngx_http_sgadmin_rules_delete(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 
+void ngx_http_sgadmin_routes_list(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_routes_create(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_routes_get(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_routes_update(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_routes_delete(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
+void ngx_http_sgadmin_tls_failures_list(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_tls_failures_delete(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
 void ngx_http_sgadmin_queue_list(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 void ngx_http_sgadmin_queue_get(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_queue_retry(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_queue_delete(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 
 

@@ -1,8 +1,8 @@
 /*
- * sg: the simple lists of the admin API — the STARTTLS whitelist and the
- * relay networks — and the helpers shared with domains and rules: one
- * query per request answered by a generic handler, validation errors,
- * pagination.
+ * sg: the simple lists of the admin API — the STARTTLS whitelist, the
+ * STARTTLS required list and the relay networks — and the helpers shared
+ * with domains, rules, routes and the queue: one query per request
+ * answered by a generic handler, validation errors, pagination.
  *
  * Every write is one statement that also writes its audit_log row (a CTE),
  * so no change goes unaudited; the tables' triggers NOTIFY sg_lists.
@@ -58,6 +58,23 @@
     " SELECT '' FROM del"
 
 
+/* $4 value, $5 kind, $6 comment: the whitelist and the required list */
+
+#define NGX_HTTP_SGADMIN_PEER_CREATE(table)                                  \
+    "WITH ins AS ("                                                          \
+    "  INSERT INTO " table " (value, kind, comment)"                         \
+    "  VALUES ($4, $5, $6) RETURNING *"                                      \
+    "), aud AS ("                                                            \
+    "  INSERT INTO audit_log (actor, actor_token_id, action, object, old,"   \
+    "                         new, client)"                                  \
+    "  SELECT $1, $2::bigint, '" table ".create',"                           \
+    "    '" table ":' || i.id, NULL,"                                        \
+    "    " NGX_HTTP_SGADMIN_WL_ITEM("i") "::jsonb, $3"                       \
+    "  FROM ins i"                                                           \
+    ")"                                                                      \
+    " SELECT " NGX_HTTP_SGADMIN_WL_ITEM("i") "::text FROM ins i"
+
+
 static const char  ngx_http_sgadmin_wl_list[] =
     NGX_HTTP_SGADMIN_LIST("starttls_whitelist", NGX_HTTP_SGADMIN_WL_ITEM);
 
@@ -65,21 +82,18 @@ static const char  ngx_http_sgadmin_wl_delete[] =
     NGX_HTTP_SGADMIN_DELETE("starttls_whitelist", "starttls_whitelist",
                             NGX_HTTP_SGADMIN_WL_ITEM);
 
-/* $4 value, $5 kind, $6 comment */
-
 static const char  ngx_http_sgadmin_wl_create[] =
-    "WITH ins AS ("
-    "  INSERT INTO starttls_whitelist (value, kind, comment)"
-    "  VALUES ($4, $5, $6) RETURNING *"
-    "), aud AS ("
-    "  INSERT INTO audit_log (actor, actor_token_id, action, object, old,"
-    "                         new, client)"
-    "  SELECT $1, $2::bigint, 'starttls_whitelist.create',"
-    "    'starttls_whitelist:' || i.id, NULL,"
-    "    " NGX_HTTP_SGADMIN_WL_ITEM("i") "::jsonb, $3"
-    "  FROM ins i"
-    ")"
-    " SELECT " NGX_HTTP_SGADMIN_WL_ITEM("i") "::text FROM ins i";
+    NGX_HTTP_SGADMIN_PEER_CREATE("starttls_whitelist");
+
+static const char  ngx_http_sgadmin_req_list[] =
+    NGX_HTTP_SGADMIN_LIST("starttls_required", NGX_HTTP_SGADMIN_WL_ITEM);
+
+static const char  ngx_http_sgadmin_req_delete[] =
+    NGX_HTTP_SGADMIN_DELETE("starttls_required", "starttls_required",
+                            NGX_HTTP_SGADMIN_WL_ITEM);
+
+static const char  ngx_http_sgadmin_req_create[] =
+    NGX_HTTP_SGADMIN_PEER_CREATE("starttls_required");
 
 static const char  ngx_http_sgadmin_relay_list_sql[] =
     NGX_HTTP_SGADMIN_LIST("relay_networks", NGX_HTTP_SGADMIN_RELAY_ITEM);
@@ -112,14 +126,41 @@ typedef struct {
 } ngx_http_sgadmin_op_t;
 
 
+/* a simple list: what differs between them */
+
+typedef struct {
+    const char                   *create;      /* SQL */
+    ngx_uint_t                    relay;       /* a network, no kind */
+    const char                   *invalid;     /* detail of a 422 */
+    const char                   *conflict;    /* detail of a 409 */
+} ngx_http_sgadmin_list_t;
+
+
+static const ngx_http_sgadmin_list_t  ngx_http_sgadmin_whitelist = {
+    ngx_http_sgadmin_wl_create, 0,
+    "the whitelist entry is not valid",
+    "this value is already in the STARTTLS whitelist"
+};
+
+static const ngx_http_sgadmin_list_t  ngx_http_sgadmin_required = {
+    ngx_http_sgadmin_req_create, 0,
+    "the STARTTLS required entry is not valid",
+    "this value is already in the STARTTLS required list"
+};
+
+static const ngx_http_sgadmin_list_t  ngx_http_sgadmin_relay = {
+    ngx_http_sgadmin_relay_create_sql, 1,
+    "the relay network is not valid",
+    "this network is already a relay network"
+};
+
+
 static void ngx_http_sgadmin_create(ngx_http_request_t *r,
-    ngx_http_sgadmin_ctx_t *ctx, ngx_uint_t relay);
+    ngx_http_sgadmin_ctx_t *ctx, const ngx_http_sgadmin_list_t *list);
 static void ngx_http_sgadmin_delete(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx, const char *sql);
 static void ngx_http_sgadmin_op_done(void *data, PGresult *res,
     const char *err, const char *sqlstate);
-static void ngx_http_sgadmin_no_content(ngx_http_request_t *r,
-    ngx_http_sgadmin_ctx_t *ctx);
 
 
 static const char *const  ngx_http_sgadmin_list_fields[] = {
@@ -139,7 +180,7 @@ void
 ngx_http_sgadmin_whitelist_create(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {
-    ngx_http_sgadmin_create(r, ctx, 0);
+    ngx_http_sgadmin_create(r, ctx, &ngx_http_sgadmin_whitelist);
 }
 
 
@@ -148,6 +189,30 @@ ngx_http_sgadmin_whitelist_delete(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {
     ngx_http_sgadmin_delete(r, ctx, ngx_http_sgadmin_wl_delete);
+}
+
+
+void
+ngx_http_sgadmin_required_list(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx)
+{
+    ngx_http_sgadmin_id_list(r, ctx, ngx_http_sgadmin_req_list);
+}
+
+
+void
+ngx_http_sgadmin_required_create(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx)
+{
+    ngx_http_sgadmin_create(r, ctx, &ngx_http_sgadmin_required);
+}
+
+
+void
+ngx_http_sgadmin_required_delete(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx)
+{
+    ngx_http_sgadmin_delete(r, ctx, ngx_http_sgadmin_req_delete);
 }
 
 
@@ -163,7 +228,7 @@ void
 ngx_http_sgadmin_relay_create(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {
-    ngx_http_sgadmin_create(r, ctx, 1);
+    ngx_http_sgadmin_create(r, ctx, &ngx_http_sgadmin_relay);
 }
 
 
@@ -214,7 +279,7 @@ ngx_http_sgadmin_id_list(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx,
 
 static void
 ngx_http_sgadmin_create(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx,
-    ngx_uint_t relay)
+    const ngx_http_sgadmin_list_t *list)
 {
     json_t          *errors, *v;
     const char      *err, *comment, *kind, *params[6];
@@ -237,7 +302,7 @@ ngx_http_sgadmin_create(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx,
     } else if (!json_is_string(v)) {
         ngx_http_sgadmin_error(errors, "value", "must be a string");
 
-    } else if (relay) {
+    } else if (list->relay) {
         err = sg_addr_network(json_string_value(v), json_string_length(v),
                               value, sizeof(value));
         if (err) {
@@ -267,10 +332,7 @@ ngx_http_sgadmin_create(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx,
         }
     }
 
-    if (ngx_http_sgadmin_refuse(r, errors,
-                                relay ? "the relay network is not valid"
-                                      : "the whitelist entry is not valid")
-        != NGX_OK)
+    if (ngx_http_sgadmin_refuse(r, errors, list->invalid) != NGX_OK)
     {
         return;
     }
@@ -279,21 +341,19 @@ ngx_http_sgadmin_create(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx,
 
     params[3] = value;
 
-    if (relay) {
+    if (list->relay) {
         params[4] = comment;
 
-        ngx_http_sgadmin_op(r, ctx, ngx_http_sgadmin_relay_create_sql, 5,
-                            params, NGX_HTTP_CREATED,
-                            "this network is already a relay network");
+        ngx_http_sgadmin_op(r, ctx, list->create, 5, params,
+                            NGX_HTTP_CREATED, list->conflict);
         return;
     }
 
     params[4] = kind;
     params[5] = comment;
 
-    ngx_http_sgadmin_op(r, ctx, ngx_http_sgadmin_wl_create, 6, params,
-                        NGX_HTTP_CREATED,
-                        "this value is already in the STARTTLS whitelist");
+    ngx_http_sgadmin_op(r, ctx, list->create, 6, params, NGX_HTTP_CREATED,
+                        list->conflict);
 }
 
 
@@ -469,7 +529,7 @@ ngx_http_sgadmin_op_done(void *data, PGresult *res, const char *err,
 }
 
 
-static void
+void
 ngx_http_sgadmin_no_content(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {

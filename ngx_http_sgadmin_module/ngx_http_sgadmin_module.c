@@ -64,6 +64,15 @@ static const ngx_http_sgadmin_route_t  ngx_http_sgadmin_routes[] = {
     { NGX_HTTP_DELETE, ngx_string("/starttls/whitelist/{id}"),
       NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_whitelist_delete },
 
+    { NGX_HTTP_GET, ngx_string("/starttls/required"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_required_list },
+
+    { NGX_HTTP_POST, ngx_string("/starttls/required"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_required_create },
+
+    { NGX_HTTP_DELETE, ngx_string("/starttls/required/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_required_delete },
+
     { NGX_HTTP_GET, ngx_string("/relay-networks"),
       NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_relay_list },
 
@@ -103,11 +112,38 @@ static const ngx_http_sgadmin_route_t  ngx_http_sgadmin_routes[] = {
     { NGX_HTTP_DELETE, ngx_string("/content-filter/rules/{id}"),
       NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_rules_delete },
 
+    { NGX_HTTP_GET, ngx_string("/routes"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_routes_list },
+
+    { NGX_HTTP_POST, ngx_string("/routes"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_routes_create },
+
+    { NGX_HTTP_GET, ngx_string("/routes/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_routes_get },
+
+    { NGX_HTTP_PATCH, ngx_string("/routes/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_routes_update },
+
+    { NGX_HTTP_DELETE, ngx_string("/routes/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_routes_delete },
+
+    { NGX_HTTP_GET, ngx_string("/tls-failures"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_tls_failures_list },
+
+    { NGX_HTTP_DELETE, ngx_string("/tls-failures/{host}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_tls_failures_delete },
+
     { NGX_HTTP_GET, ngx_string("/queue"), NGX_HTTP_SGADMIN_ROLE_READ,
       ngx_http_sgadmin_queue_list },
 
     { NGX_HTTP_GET, ngx_string("/queue/{id}"), NGX_HTTP_SGADMIN_ROLE_READ,
       ngx_http_sgadmin_queue_get },
+
+    { NGX_HTTP_DELETE, ngx_string("/queue/{id}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_queue_delete },
+
+    { NGX_HTTP_POST, ngx_string("/queue/{id}/retry"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_queue_retry },
 
     { 0, ngx_null_string, 0, NULL }
 };
@@ -479,6 +515,11 @@ ngx_http_sgadmin_read_json(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
                                  "body-too-large",
                                  "the request body is too large", NULL);
         return NGX_ERROR;
+    }
+
+    /* an action without parameters may come without a body */
+    if (len == 0 && ctx->route->handler == ngx_http_sgadmin_queue_retry) {
+        return NGX_OK;
     }
 
     if (len == 0) {
