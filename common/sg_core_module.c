@@ -11,6 +11,7 @@
 #include "sg_core.h"
 #include "sg_tls.h"
 #include "sg_lists.h"
+#include "sg_dns.h"
 
 
 static void *sg_core_create_conf(ngx_cycle_t *cycle);
@@ -284,6 +285,10 @@ sg_core_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
+    if (sg_dns_init_worker(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return NGX_OK;
 }
 
@@ -294,6 +299,7 @@ sg_core_exit_process(ngx_cycle_t *cycle)
     sg_settings_exit_worker();
     sg_lists_exit_worker();
     sg_tls_exit_worker();
+    sg_dns_exit_worker();
 
     sg_redis_destroy(sg_worker.redis);
     sg_worker.redis = NULL;

@@ -6,6 +6,20 @@
  * it is readable.  The server is sg_resolver (ip[:port]) or the system's
  * resolv.conf; DNSSEC is validated with sg_dnssec_trust_anchor when set.
  *
+ * DNSSEC validation is on with sg_dnssec_trust_anchor (whatever the
+ * resolver), or without it when the system's resolvers are used and
+ * Debian's /usr/share/dns/root.key is readable.  With sg_resolver and no
+ * sg_dnssec_trust_anchor it is off: that server may not pass DNSSEC
+ * records on (dnsmasq, test servers), and every answer would be bogus.
+ * "secure" is only ever set for answers libunbound validated against a
+ * trust anchor; with validation off every answer is insecure.  A bogus
+ * answer is a temporary failure (route) or bogus (raw answer).
+ *
+ * With sg_resolver, names under "test." (RFC 6761) go to that server
+ * (libunbound would answer NXDOMAIN itself).  The machine's host name
+ * (ngx_cycle->hostname) is the own name of RFC 5321, 5.1: an MX list
+ * holding it is cut there, and NOT_FOUND if nothing is left.
+ *
  * Every request is answered exactly once through its handler, never from
  * inside the call that started it, unless it was cancelled first.
  */
@@ -49,7 +63,9 @@ typedef struct {
 
 typedef struct {
     sg_dns_status_e      status;
-    const char          *reason;        /* for people: logs, queue, DSN */
+    const char          *reason;        /* for people: logs, queue, DSN;
+                                           NULL when OK and no host lost
+                                           anything */
     sg_dns_host_t       *hosts;         /* MX order: preference, random
                                            among equals */
     ngx_uint_t           nhosts;
@@ -71,7 +87,9 @@ typedef struct {
     const char          *why_bogus;
     ngx_str_t           *rdata;         /* one per record */
     ngx_uint_t           nrdata;
-    ngx_str_t            canonname;     /* after CNAMEs */
+    ngx_str_t            canonname;     /* after CNAMEs (the name asked
+                                           if none); lower case, no
+                                           trailing dot */
     ngx_pool_t          *pool;          /* the handler owns it */
 } sg_dns_answer_t;
 
@@ -93,12 +111,26 @@ void sg_dns_exit_worker(void);
 sg_dns_req_t *sg_dns_route(ngx_str_t *name, ngx_uint_t mx,
     sg_dns_route_pt handler, void *data);
 
-/* one query of type rrtype (16 TXT, 52 TLSA ...) */
+/*
+ * sg_dns_route() with a shorter timeout (1 .. SG_DNS_TIMEOUT ms; 0: the
+ * default): the admin API's resolve endpoint, tests.  On a timeout while
+ * addresses are looked up, the hosts found so far are kept.
+ */
+sg_dns_req_t *sg_dns_route_within(ngx_str_t *name, ngx_uint_t mx,
+    ngx_msec_t timeout, sg_dns_route_pt handler, void *data);
+
+/*
+ * One query of type rrtype (16 TXT, 52 TLSA ...).  A name that cannot be
+ * asked (not LDH or '_' labels) is answered NXDOMAIN without DNS.
+ */
 sg_dns_req_t *sg_dns_query(ngx_str_t *name, ngx_uint_t rrtype,
     sg_dns_answer_pt handler, void *data);
 
 /* the handler will not be called */
 void sg_dns_cancel(sg_dns_req_t *req);
+
+/* 1 if answers are DNSSEC-validated in this worker (see above) */
+ngx_uint_t sg_dns_validating(void);
 
 
 #endif /* _SG_DNS_H_INCLUDED_ */

@@ -187,4 +187,9 @@ void ngx_http_sgadmin_queue_delete(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 
 
+/* ngx_http_sgadmin_resolve.c */
+void ngx_http_sgadmin_resolve(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
+
 #endif /* _NGX_HTTP_SGADMIN_H_INCLUDED_ */

@@ -144,6 +144,8 @@ static const ngx_http_sgadmin_route_t  ngx_http_sgadmin_routes[] = {
 
     { NGX_HTTP_POST, ngx_string("/queue/{id}/retry"),
       NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_queue_retry },
+    { NGX_HTTP_GET, ngx_string("/delivery/resolve/{domain}"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_resolve },
 
     { 0, ngx_null_string, 0, NULL }
 };
