@@ -179,6 +179,12 @@ void sg_client_send(sg_client_t *c, sg_client_txn_t *txn,
 /* QUIT (when usable) and free, now or soon; never calls back */
 void sg_client_close(sg_client_t *c);
 
+/*
+ * The worker exits: close every connection now, free everything, call
+ * nothing back (exit_process).
+ */
+void sg_client_abort_all(void);
+
 /* the info of an open connection (for attempts recorded later) */
 sg_client_info_t *sg_client_info(sg_client_t *c);
 

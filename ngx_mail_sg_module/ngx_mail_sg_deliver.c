@@ -263,6 +263,8 @@ static double sg_dlv_now(void);
 static char *sg_dlv_cstr(ngx_pool_t *pool, ngx_str_t *s);
 static ngx_int_t sg_dlv_pstr(ngx_pool_t *pool, ngx_str_t *dst,
     const char *src, size_t len);
+static ngx_int_t sg_dlv_envid(ngx_pool_t *pool, ngx_str_t *dst,
+    const char *src, size_t len);
 
 
 static ngx_command_t  sg_dlv_commands[] = {
@@ -787,6 +789,9 @@ sg_dlv_exit_process(ngx_cycle_t *cycle)
 {
     sg_dlv.running = 0;
 
+    /* connections still open (idle, saying QUIT) are closed now */
+    sg_client_abort_all();
+
     if (sg_dlv.failures_pool) {
         ngx_destroy_pool(sg_dlv.failures_pool);
         sg_dlv.failures_pool = NULL;
@@ -1022,8 +1027,8 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
                         PQgetlength(res, i, 8)) != NGX_OK
             || sg_dlv_pstr(pool, &job->ret, PQgetvalue(res, i, 12),
                            PQgetlength(res, i, 12)) != NGX_OK
-            || sg_dlv_pstr(pool, &job->envid, PQgetvalue(res, i, 13),
-                           PQgetlength(res, i, 13)) != NGX_OK)
+            || sg_dlv_envid(pool, &job->envid, PQgetvalue(res, i, 13),
+                            PQgetlength(res, i, 13)) != NGX_OK)
         {
             ngx_destroy_pool(pool);
             continue;
@@ -1639,6 +1644,14 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
 
     /* a kept connection serves the job if it was opened the same way */
 
+    if (sess->client
+        && sg_client_info(sess->client)->step != SG_CLIENT_OK)
+    {
+        /* the peer closed it while it was idle */
+        sg_client_close(sess->client);
+        sess->client = NULL;
+    }
+
     if (sess->client) {
         if (sess->decision.level == d.level
             && sess->decision.need_requiretls == d.need_requiretls)
@@ -1849,7 +1862,7 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
     for (i = 0; i < job->nrcpts; i++) {
         r = &job->rcpts[i];
 
-        if (txn->mail_reply.code && txn->mail_reply.code != 250) {
+        if (txn->mail_reply.code && txn->mail_reply.code / 100 != 2) {
             reply = &txn->mail_reply;
 
         } else if (txn->rcpts[i].accepted && txn->step == SG_CLIENT_OK) {
@@ -1887,7 +1900,7 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
 
     sg_dlv_attempt(sess, info, result,
                    txn->data_reply.code ? (char *) txn->data_reply.text
-                   : (txn->mail_reply.code && txn->mail_reply.code != 250
+                   : (txn->mail_reply.code && txn->mail_reply.code / 100 != 2
                       ? (char *) txn->mail_reply.text
                       : (job->nrcpts ? (char *) job->rcpts[0].reply : "")));
 
@@ -3288,6 +3301,27 @@ sg_dlv_pstr(ngx_pool_t *pool, ngx_str_t *dst, const char *src, size_t len)
     ngx_memcpy(dst->data, src, len);
     dst->data[len] = '\0';
     dst->len = len;
+
+    return NGX_OK;
+}
+
+
+/* ENVID is stored decoded; on the wire it is xtext (RFC 3461, 4.4) */
+
+static ngx_int_t
+sg_dlv_envid(ngx_pool_t *pool, ngx_str_t *dst, const char *src, size_t len)
+{
+    size_t  n;
+
+    n = sg_dsn_xtext_encode((const unsigned char *) src, len, NULL, 0);
+
+    dst->data = ngx_pnalloc(pool, n + 1);
+    if (dst->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    dst->len = sg_dsn_xtext_encode((const unsigned char *) src, len,
+                                   (char *) dst->data, n + 1);
 
     return NGX_OK;
 }

@@ -90,7 +90,7 @@ class SgInstance:
     """
 
     def __init__(self, pg, redis, workers=1, hostname="sg.local",
-                 key_type="rsa", **conf_kw):
+                 key_type="rsa", delivery=False, **conf_kw):
         self.pg, self.redis = pg, redis
         self.dir = make_tmp("sgnginx-")
         self.allow_problems = []
@@ -120,6 +120,11 @@ class SgInstance:
         # delivery must never ask the system's resolver from a test: DNS
         # goes to a dead loopback port unless a test names its server
         conf_kw.setdefault("resolver", "127.0.0.1:9")
+        # instances deliver only where a test asks for it (delivery=True):
+        # the session's PostgreSQL holds every module's test mail
+        if not delivery:
+            conf_kw["extra_main"] = "sg_delivery off;\n" + conf_kw.get(
+                "extra_main", "")
         sginstance.write_nginx_conf(
             self.conf, prefix_dir=self.dir, module_so=MODULE_SO,
             pg_conninfo=pg.conninfo, redis_addr=redis.address,
@@ -167,7 +172,8 @@ def start_sg(pg, redis, workers=1, **conf_kw):
     admin token created, nginx on free loopback ports, daemon off).
     conf_kw go to sginstance.write_nginx_conf (resolver, ca_file,
     hostname, extra_main, extra_http, extra_mail_server, error_log_level)
-    or SgInstance (key_type). Stop it with .stop()."""
+    or SgInstance (key_type, delivery: False writes "sg_delivery off;").
+    Stop it with .stop()."""
     inst = SgInstance(pg, redis, workers=workers, **conf_kw)
     try:
         inst.start()

@@ -1,0 +1,899 @@
+"""Delivery (issue 4): sg relays queued mail to MX hosts, relay hosts and
+internal servers, with the outbound TLS decision of DESIGN.md, retries,
+bounces (RFC 3464 DSNs) and every attempt on record.
+
+The world of this module: its own PostgreSQL and Redis (the session's
+PostgreSQL holds other modules' test mail), a dnsmasq for the test zones,
+an sg instance that delivers (sg_delivery_port 25: MX hosts are sinks on
+127.0.0.x:25), scriptable sinks (peers.SmtpSink) and a Postfix MX.
+Every test uses its own domains, so DNS answers cached by sg never mix.
+"""
+
+import contextlib
+import email
+import email.policy
+import itertools
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import sgtest  # noqa: E402
+from dnsserver import DnsServer  # noqa: E402
+from peers import (PostfixMX, ReplySequence, SmtpSink,  # noqa: E402,F401
+                   mail_text, peer_ca, send_via_smtp, smtp_sinks, wait_for)
+from sgtest import api, finish_sg, start_sg  # noqa: E402
+
+DELIVERY_CONF = """
+sg_delivery_hostname sg-out.test;
+sg_delivery_poll 1s;
+sg_delivery_retry_schedule 1s;
+sg_delivery_lease 3s;
+sg_delivery_idle_timeout 1s;
+sg_delivery_connect_timeout 2s;
+sg_delivery_command_timeout 5s;
+sg_delivery_data_done_timeout 5s;
+"""
+
+FINAL = ("delivered", "bounced", "deleted")
+_seq = itertools.count(1)
+
+
+class World:
+    """pg, redis, dns, inst (sg), dsn_sink (MX of sender.test), records."""
+
+    def __init__(self, base, pg, redis, dns, ca):
+        self.base, self.pg, self.redis, self.dns, self.ca = base, pg, redis, dns, ca
+        self.records = {"mx": [], "hosts": {}, "txt": [], "cname": []}
+        self.inst = None
+        self.dsn_sink = None
+
+    def start(self, **kw):
+        conf = dict(delivery=True, resolver=self.dns.address,
+                    ca_file=self.ca.cert_file, extra_main=DELIVERY_CONF)
+        conf.update(kw)
+        return start_sg(self.pg, self.redis, **conf)
+
+    @contextlib.contextmanager
+    def instance(self, **kw):
+        """Another sg (other directives) delivers instead of the module's
+        one for the duration: two delivering instances on one queue would
+        share the work."""
+        finish_sg(self.inst)
+        other = self.start(**kw)
+        self.inst = other
+        try:
+            settings(other, starttls_outbound=False, tls_failure_fallback=True)
+            r = api(other, "POST", "/api/v1/relay-networks",
+                    json={"value": "127.0.0.0/8"})
+            assert r.status_code in (201, 409), r.text
+            yield other
+        finally:
+            finish_sg(other)
+            self.inst = self.start()
+
+    def mx(self, domain, *hosts):
+        """hosts: (name, address or [addresses], preference)."""
+        for name, addrs, pref in hosts:
+            self.records["mx"].append((domain, name, pref))
+            if addrs is not None:
+                self.records["hosts"][name] = (
+                    [addrs] if isinstance(addrs, str) else list(addrs))
+        self.dns.reload(self.records)
+
+    def host(self, name, *addrs):
+        self.records["hosts"][name] = list(addrs)
+        self.dns.reload(self.records)
+
+    def sink_mx(self, sink, domain=None, name=None):
+        """A new domain whose only MX is sink; returns the domain."""
+        domain = domain or unique("d")
+        name = name or "mx." + domain
+        self.mx(domain, (name, sink.host, 10))
+        return domain
+
+
+def unique(prefix):
+    return "%s%d.test" % (prefix, next(_seq))
+
+
+@pytest.fixture(scope="module")
+def world(peer_ca):
+    base = sgtest.make_tmp("sgdlv-")
+    pg = sgtest.start_postgres(base)
+    redis = sgtest.start_redis(base)
+    dns = DnsServer().start({})
+    w = World(base, pg, redis, dns, peer_ca)
+    w.dsn_sink = SmtpSink()
+    w.mx("sender.test", ("mx.sender.test", w.dsn_sink.host, 10))
+    w.inst = w.start()
+    try:
+        r = api(w.inst, "POST", "/api/v1/relay-networks",
+                json={"value": "127.0.0.0/8", "comment": "delivery tests"})
+        assert r.status_code == 201, r.text
+        yield w
+    finally:
+        finish_sg(w.inst)
+        w.dsn_sink.stop()
+        dns.stop()
+        redis.stop()
+        pg.stop()
+        sgtest.remove_tmp(base)
+
+
+@pytest.fixture
+def W(world):
+    """The world with default settings and an empty DSN sink (hosts are
+    new in every test: the TLS-failure list needs no reset)."""
+    settings(world.inst, starttls_outbound=False, tls_failure_fallback=True)
+    world.dsn_sink.clear()
+    return world
+
+
+def settings(inst, **kw):
+    p = api(inst, "PATCH", "/api/v1/settings", json=kw)
+    assert p.status_code == 200, p.text
+    version = int(p.headers["ETag"].strip('"'))
+    wait_for(lambda: api(inst, "GET", "/api/v1/health", token=None,
+                         headers={"Connection": "close"})
+             .json()["worker"]["settings_version"] >= version,
+             timeout=10, message="settings version %d in the worker" % version)
+
+
+def send(w, rcpts, sender="alice@sender.test", msg=None, **kw):
+    if isinstance(rcpts, str):
+        rcpts = [rcpts]
+    msg = msg or mail_text(sender=sender, rcpts=rcpts, subject="delivery test")
+    qid = send_via_smtp(w.inst.smtp_port, sender, rcpts, msg, **kw)
+    assert qid and len(qid) == 16, qid
+    return qid
+
+
+def entry(w, qid):
+    r = api(w.inst, "GET", "/api/v1/queue/" + qid)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_entry(w, qid, pred, timeout=30, what="queue entry"):
+    box = {}
+
+    def check():
+        r = api(w.inst, "GET", "/api/v1/queue/" + qid)
+        if r.status_code != 200:        # PostgreSQL restarting: 503
+            return False
+        box["e"] = r.json()
+        return pred(box["e"])
+    try:
+        wait_for(check, timeout=timeout, message=what)
+    except Exception:
+        raise AssertionError("%s not reached; entry: %r" % (what, box.get("e")))
+    return box["e"]
+
+
+def wait_final(w, qid, timeout=30):
+    return wait_entry(w, qid, lambda e: all(r["state"] in FINAL
+                                            for r in e["recipients"]),
+                      timeout, "every recipient final")
+
+
+def states(e):
+    return {r["address"]: r["state"] for r in e["recipients"]}
+
+
+def dsns_for(w, qid, n=1, timeout=30):
+    """The DSNs the sender's MX received for message qid."""
+    def found():
+        return [t for t in w.dsn_sink.messages
+                if qid in t.data.decode("utf-8", "replace")]
+    wait_for(lambda: len(found()) >= n, timeout=timeout,
+             message="%d DSN(s) for %s" % (n, qid))
+    return found()
+
+
+def dsn_parts(txn):
+    """(message, [per-recipient dicts]) of a DSN, parsed by Python's email
+    package (RFC 3464, 2.1: multipart/report, report-type=delivery-status)."""
+    msg = email.message_from_bytes(txn.data, policy=email.policy.compat32)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    parts = msg.get_payload()
+    assert parts[1].get_content_type() == "message/delivery-status"
+    blocks = parts[1].get_payload()
+    return msg, [dict(b.items()) for b in blocks[1:]], parts
+
+
+# ----------------------------------------------------------------- basics
+
+def test_plain_delivery_to_the_mx_with_the_attempt_recorded(W):
+    """RFC 5321, 5.1: the MX host gets the mail; the setting "send with
+    STARTTLS whenever possible" is off, so the session stays in clear
+    (decision row 7), and the queue entry shows the attempt."""
+    sink = SmtpSink(tls=W.ca.issue(["mx.plain.test"]))
+    try:
+        dom = W.sink_mx(sink)
+        qid = send(W, "bob@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"bob@" + dom: "delivered"}
+        assert sink.wait_messages(1)
+        t = sink.messages[0]
+        assert t.mail_from == "alice@sender.test"
+        assert [r.address for r in t.rcpts] == ["bob@" + dom]
+        assert b"delivery test" in t.data
+        assert not any(s.tls for s in sink.sessions)
+        assert "STARTTLS" not in [c.verb for s in sink.sessions
+                                  for c in s.commands]
+        a = e["attempts"][-1]
+        assert a["result"] == "delivered"
+        assert a["mx_host"] == "mx." + dom
+        assert a["ip"] == sink.host and a["port"] == 25
+        assert a["tls_level"] == "none" and a["tls_rule"] == 7
+        assert a["starttls"] is False
+        assert a["reply"].startswith("250")
+        assert e["recipients"][0]["last_reply"].startswith("250")
+    finally:
+        sink.stop()
+
+
+def test_swaks_to_postfix_mx_over_starttls(W):
+    """The issue's "done when": swaks -> sg -> Postfix MX over STARTTLS;
+    the queue entry shows the attempt with its TLS facts."""
+    dom = unique("pf")
+    cert = W.ca.issue(["mx." + dom])
+    with PostfixMX(domains=[dom], tls=cert, hostname="mx." + dom) as pf:
+        W.mx(dom, ("mx." + dom, pf.host, 10))
+        settings(W.inst, starttls_outbound=True)
+        import subprocess
+        out = subprocess.run(
+            ["swaks", "--server", "127.0.0.1:%d" % W.inst.smtp_port,
+             "--from", "alice@sender.test", "--to", "carol@" + dom,
+             "--header", "Subject: via swaks"],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        qid = [l for l in out.stdout.splitlines() if "queued as" in l][0] \
+            .rsplit(" ", 1)[-1]
+        e = wait_final(W, qid)
+        assert states(e) == {"carol@" + dom: "delivered"}
+        assert pf.wait_messages(1)
+        assert pf.messages()[0].message["Subject"] == "via swaks"
+        pf.wait_log(r"TLS connection established from")
+        a = e["attempts"][-1]
+        assert a["tls_level"] == "may" and a["tls_rule"] == 6
+        assert a["starttls"] is True
+        assert a["tls_protocol"] in ("TLSv1.2", "TLSv1.3")
+        assert a["tls_cipher"]
+        assert a["tls_verify"] == "ok" and a["tls_host_match"] is True
+        assert a["tls_result_type"] is None
+
+
+def test_mx_preference_and_every_address_tried(W):
+    """RFC 5321, 5.1: MX hosts in preference order; a host that refuses
+    the connection is skipped (next_mx) and the next one delivers."""
+    good = SmtpSink()
+    try:
+        dom = unique("pref")
+        # 127.0.0.254:25 has no listener: connection refused
+        W.mx(dom, ("mx1." + dom, "127.0.0.254", 10),
+             ("mx2." + dom, good.host, 20))
+        qid = send(W, "dan@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"dan@" + dom: "delivered"}
+        results = [(a["mx_host"], a["result"]) for a in e["attempts"]]
+        assert results == [("mx1." + dom, "next_mx"),
+                           ("mx2." + dom, "delivered")]
+    finally:
+        good.stop()
+
+
+def test_implicit_mx_when_the_domain_has_only_an_address(W):
+    """RFC 5321, 5.1: no MX records -> the domain's own A record."""
+    sink = SmtpSink()
+    try:
+        dom = unique("impl")
+        W.host(dom, sink.host)
+        qid = send(W, "erin@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"erin@" + dom: "delivered"}
+        assert e["attempts"][-1]["mx_host"] == dom
+    finally:
+        sink.stop()
+
+
+def test_null_mx_bounces_with_5_1_10_and_a_dsn(W):
+    """RFC 7505, 3: a null MX means no mail: the recipient bounces with
+    5.1.10 at once, and the sender gets a DSN (RFC 3464)."""
+    dom = unique("null")
+    W.mx(dom, (".", None, 0))
+    qid = send(W, "fay@" + dom)
+    e = wait_final(W, qid)
+    assert states(e) == {"fay@" + dom: "bounced"}
+    assert "5.1.10" in (e["recipients"][0]["dsn_status"] or "")
+    (txn,) = dsns_for(W, qid)
+    assert txn.mail_from == ""                  # RFC 3461, 6.1: MAIL FROM:<>
+    assert [r.address for r in txn.rcpts] == ["alice@sender.test"]
+    msg, rcpts, _ = dsn_parts(txn)
+    assert rcpts[0]["Action"] == "failed"
+    assert rcpts[0]["Status"] == "5.1.10"
+    assert rcpts[0]["Final-Recipient"] == "rfc822; fay@" + dom
+
+
+def test_nxdomain_bounces(W):
+    """A recipient domain that does not exist bounces (5.1.2)."""
+    dom = unique("nx")
+    W.host("other." + dom, "127.0.0.9")        # the zone exists
+    qid = send(W, "gus@" + dom)
+    e = wait_final(W, qid)
+    assert states(e) == {"gus@" + dom: "bounced"}
+    assert e["recipients"][0]["dsn_status"] == "5.1.2"
+
+
+def test_dns_failure_defers(W):
+    """SERVFAIL (a zone the DNS server refuses) defers, never bounces."""
+    qid = send(W, "hal@unknown-zone.example")
+    e = wait_entry(W, qid, lambda e: e["recipients"][0]["state"] == "deferred"
+                   and e["recipients"][0]["attempts"] >= 1)
+    assert e["recipients"][0]["last_reply"]
+    api(W.inst, "DELETE", "/api/v1/queue/" + qid)
+
+
+# ------------------------------------------------------ per-recipient results
+
+def test_per_recipient_results_and_one_dsn_per_message(W):
+    """RFC 5321, 4.2: 2xx delivered, 5xx bounced, 4xx deferred and retried;
+    one DSN for the message, once nothing is pending (RFC 3464)."""
+    sink = SmtpSink(rcpt_replies={
+        "no@x": "550 5.1.1 no such user",
+        "later@x": ReplySequence("451 4.2.1 try later", "250 2.1.5 Ok"),
+    })
+    try:
+        dom = W.sink_mx(sink)
+        ok, no, later = "ok@" + dom, "no@" + dom, "later@" + dom
+        sink.rcpt_replies = {no: "550 5.1.1 no such user",
+                             later: ReplySequence("451 4.2.1 try later",
+                                                  "250 2.1.5 Ok")}
+        qid = send(W, [ok, no, later])
+        e = wait_final(W, qid)
+        assert states(e) == {ok: "delivered", no: "bounced",
+                             later: "delivered"}
+        by = {r["address"]: r for r in e["recipients"]}
+        assert by[later]["attempts"] == 2
+        assert by[no]["last_reply"].startswith("550 5.1.1")
+        (txn,) = dsns_for(W, qid)
+        _, rcpts, parts = dsn_parts(txn)
+        assert [r["Final-Recipient"] for r in rcpts] == ["rfc822; " + no]
+        assert rcpts[0]["Status"] == "5.1.1"
+        assert rcpts[0]["Remote-MTA"] == "dns; mx." + dom
+        assert "550 5.1.1 no such user" in rcpts[0]["Diagnostic-Code"]
+        # the original message comes back (no RET given: full)
+        assert parts[2].get_content_type() == "message/rfc822"
+        time.sleep(2)                   # a second DSN would come by now
+        assert len(dsns_for(W, qid)) == 1
+    finally:
+        sink.stop()
+
+
+def test_mail_from_refused_bounces_everyone_and_4xx_data_defers(W):
+    sink = SmtpSink(mail_reply="550 5.7.1 sender refused")
+    try:
+        dom = W.sink_mx(sink)
+        qid = send(W, "ivy@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"ivy@" + dom: "bounced"}
+        sink.mail_reply = None
+        sink.final_reply = ReplySequence("452 4.3.1 full", "250 2.0.0 Ok")
+        qid = send(W, "jon@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"jon@" + dom: "delivered"}
+        assert [a["result"] for a in e["attempts"]] == ["deferred",
+                                                        "delivered"]
+    finally:
+        sink.stop()
+
+
+def test_connection_dropped_mid_data_is_retried(W):
+    sink = SmtpSink(drop_in_data=True)
+    try:
+        dom = W.sink_mx(sink)
+        qid = send(W, "kim@" + dom)
+        wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1)
+        sink.drop_in_data = False
+        e = wait_final(W, qid)
+        assert states(e) == {"kim@" + dom: "delivered"}
+        assert e["attempts"][0]["result"] == "deferred"
+        assert len(sink.messages) == 1
+    finally:
+        sink.stop()
+
+
+def test_one_transaction_per_message_and_connection_reuse(W):
+    """Recipients of one message and destination share one transaction;
+    the next message to the destination reuses the connection."""
+    sink = SmtpSink()
+    try:
+        dom = W.sink_mx(sink)
+        q1 = send(W, ["a@" + dom, "b@" + dom, "c@" + dom])
+        wait_final(W, q1)
+        q2 = send(W, "d@" + dom)
+        wait_final(W, q2)
+        assert len(sink.messages) == 2
+        assert sorted(r.address for r in sink.messages[0].rcpts) == \
+            ["a@" + dom, "b@" + dom, "c@" + dom]
+        assert sink.messages[0].session is sink.messages[1].session
+    finally:
+        sink.stop()
+
+
+def test_esmtp_parameters_pipelining_and_dot_stuffing(W):
+    """RFC 1870, 6152, 3461 parameters are passed on when the next hop
+    offers them; RFC 2920 pipelining; RFC 5321, 4.5.2 dot-stuffing on the
+    wire, CRLF line ends only."""
+    sink = SmtpSink()
+    try:
+        dom = W.sink_mx(sink)
+        body = ("Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n"
+                "caf\xc3\xa9\r\n.\r\nend\r\n")
+        qid = send(W, "lee@" + dom, msg=body.encode("latin-1"),
+                   mail_options=("BODY=8BITMIME", "RET=HDRS",
+                                 "ENVID=env+2Bid"),
+                   rcpt_options=("NOTIFY=FAILURE,DELAY",
+                                 "ORCPT=rfc822;lee@" + dom))
+        e = wait_final(W, qid)
+        assert states(e) == {"lee@" + dom: "delivered"}, e
+        t = sink.messages[0]
+        assert t.mail_params.get("BODY") == "8BITMIME"
+        assert t.mail_params.get("RET") == "HDRS"
+        assert t.mail_params.get("ENVID") == "env+2Bid"
+        assert int(t.mail_params["SIZE"]) > 0
+        assert t.rcpts[0].params.get("NOTIFY") == "FAILURE,DELAY"
+        assert t.rcpts[0].params.get("ORCPT") == "rfc822;lee@" + dom
+        assert b"\r\n.leading dot\r\n..two dots\r\n" in t.data
+        assert b"\r\n.\r\nend\r\n" in t.data
+        assert not t.bare_lf
+        assert ".leading dot" not in t.data_raw.decode("latin-1").replace(
+            "..leading dot", "")
+        session = t.session
+        assert any(c.pipelined for c in session.commands
+                   if c.verb == "RCPT")
+    finally:
+        sink.stop()
+
+
+def test_helo_fallback_and_no_dsn_parameters_without_the_extension(W):
+    sink = SmtpSink(helo_only=True)
+    try:
+        dom = W.sink_mx(sink)
+        qid = send(W, "max@" + dom, rcpt_options=("NOTIFY=FAILURE",))
+        e = wait_final(W, qid)
+        assert states(e) == {"max@" + dom: "delivered"}
+        t = sink.messages[0]
+        assert t.session.helo_verb == "HELO"
+        assert t.rcpts[0].params == {} and "SIZE" not in t.mail_params
+    finally:
+        sink.stop()
+
+
+# ------------------------------------------------------ routes and locals
+
+def test_route_sends_through_a_relay_host(W):
+    """Routes (/api/v1/routes): a domain's mail goes to a relay host
+    instead of its MX, as Postfix's transport_maps do."""
+    relay = SmtpSink(port=2526)
+    try:
+        dom = unique("routed")             # no DNS records at all
+        r = api(W.inst, "POST", "/api/v1/routes",
+                json={"domain": dom, "relay": "%s:2526" % relay.host})
+        assert r.status_code == 201, r.text
+        qid = send(W, "ned@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"ned@" + dom: "delivered"}
+        assert e["attempts"][-1]["destination"] == "route:%s:2526" % relay.host
+        assert relay.messages[0].rcpts[0].address == "ned@" + dom
+        api(W.inst, "DELETE", "/api/v1/routes/%s" % r.json()["id"])
+    finally:
+        relay.stop()
+
+
+def test_local_domain_goes_to_its_internal_server(W):
+    internal = SmtpSink(port=2527)
+    try:
+        dom = unique("local")
+        r = api(W.inst, "POST", "/api/v1/domains",
+                json={"name": dom, "internal_server": "%s:2527" % internal.host})
+        assert r.status_code == 201, r.text
+        wait_for(lambda: True, timeout=0.1)
+        time.sleep(0.5)                 # the lists reach the worker (NOTIFY)
+        qid = send(W, "ola@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"ola@" + dom: "delivered"}
+        assert e["attempts"][-1]["destination"] == "local:%s:2527" % internal.host
+        api(W.inst, "DELETE", "/api/v1/domains/%s" % r.json()["id"])
+    finally:
+        internal.stop()
+
+
+# ------------------------------------------------------ TLS decision rows
+
+def test_starttls_whenever_possible_with_any_certificate(W):
+    """Row 6: STARTTLS when offered; an untrusted, expired or mismatched
+    certificate does not stop delivery, and the attempt classifies it
+    with RFC 8460's result types (4.3)."""
+    settings(W.inst, starttls_outbound=True)
+    cases = [
+        (W.ca.untrusted.issue(["mx.u.test"]), "certificate-not-trusted"),
+        (W.ca.issue(["mx.e.test"], expired=True), "certificate-expired"),
+        (W.ca.issue(["some-other-name.test"]), "certificate-host-mismatch"),
+    ]
+    for cert, result_type in cases:
+        sink = SmtpSink(tls=cert)
+        try:
+            dom = W.sink_mx(sink)
+            qid = send(W, "pat@" + dom)
+            e = wait_final(W, qid)
+            assert states(e) == {"pat@" + dom: "delivered"}, result_type
+            a = e["attempts"][-1]
+            assert a["starttls"] is True and a["tls_level"] == "may"
+            assert a["tls_result_type"] == result_type
+            assert sink.messages[0].tls
+        finally:
+            sink.stop()
+
+
+def test_starttls_not_offered_sends_in_clear_when_possible_only(W):
+    settings(W.inst, starttls_outbound=True)
+    sink = SmtpSink()
+    try:
+        dom = W.sink_mx(sink)
+        qid = send(W, "quinn@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"quinn@" + dom: "delivered"}
+        assert e["attempts"][-1]["starttls"] is False
+    finally:
+        sink.stop()
+
+
+def test_required_list_defers_without_starttls_and_sends_nothing_in_clear(W):
+    """Row 4: a host on the STARTTLS required list gets mail only over
+    TLS; without STARTTLS the recipient is deferred with a clear reason
+    and no envelope crosses the wire in clear."""
+    sink = SmtpSink()
+    try:
+        dom = W.sink_mx(sink)
+        r = api(W.inst, "POST", "/api/v1/starttls/required",
+                json={"value": "mx." + dom})
+        assert r.status_code == 201, r.text
+        time.sleep(0.5)
+        qid = send(W, "rex@" + dom)
+        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1)
+        a = e["attempts"][0]
+        assert a["tls_level"] == "encrypt" and a["tls_rule"] == 4
+        assert a["result"] in ("next_mx", "deferred")
+        assert "STARTTLS" in a["reply"]
+        assert e["recipients"][0]["state"] in ("deferred", "delivering")
+        for s in sink.sessions:
+            assert b"MAIL FROM" not in s.raw_clear
+            assert b"RCPT TO" not in s.raw_clear
+        # STARTTLS offered now: delivered over TLS, any certificate
+        sink.stop()
+        sink = SmtpSink(host=sink.host, tls=W.ca.untrusted.issue(["x.test"]))
+        e = wait_final(W, qid)
+        assert states(e) == {"rex@" + dom: "delivered"}
+        assert e["attempts"][-1]["starttls"] is True
+        assert e["attempts"][-1]["tls_level"] == "encrypt"
+        assert all(b"MAIL FROM" not in s.raw_clear for s in sink.sessions)
+        api(W.inst, "DELETE", "/api/v1/starttls/required/%s" % r.json()["id"])
+    finally:
+        sink.stop()
+
+
+def test_required_list_by_ip_and_failed_handshake_defers(W):
+    sink = SmtpSink(tls_fail=True)
+    try:
+        dom = W.sink_mx(sink)
+        r = api(W.inst, "POST", "/api/v1/starttls/required",
+                json={"value": sink.host})
+        assert r.status_code == 201, r.text
+        time.sleep(0.5)
+        qid = send(W, "sam@" + dom)
+        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1)
+        assert e["attempts"][0]["tls_rule"] == 4
+        assert e["recipients"][0]["state"] != "delivered"
+        assert not sink.messages
+        api(W.inst, "DELETE", "/api/v1/starttls/required/%s" % r.json()["id"])
+        api(W.inst, "DELETE", "/api/v1/queue/" + qid)
+    finally:
+        sink.stop()
+
+
+def test_whitelisted_host_never_gets_starttls(W):
+    """Row 5: the STARTTLS whitelist: never STARTTLS, even when offered
+    and the setting says whenever possible."""
+    settings(W.inst, starttls_outbound=True)
+    sink = SmtpSink(tls=W.ca.issue(["mx.wl.test"]))
+    try:
+        dom = W.sink_mx(sink)
+        r = api(W.inst, "POST", "/api/v1/starttls/whitelist",
+                json={"value": dom})
+        assert r.status_code == 201, r.text
+        time.sleep(0.5)
+        qid = send(W, "tia@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"tia@" + dom: "delivered"}
+        a = e["attempts"][-1]
+        assert a["tls_level"] == "none" and a["tls_rule"] == 5
+        assert "STARTTLS" not in [c.verb for s in sink.sessions
+                                  for c in s.commands]
+        api(W.inst, "DELETE", "/api/v1/starttls/whitelist/%s" % r.json()["id"])
+    finally:
+        sink.stop()
+
+
+def test_handshake_failure_retries_in_clear_and_lists_the_host(W):
+    """Row 6 with "SSL negotiation failures will retry without SSL for up
+    to one hour": the failed handshake lists the host (Redis, until the
+    next full hour), the delivery is retried at once in clear, and later
+    deliveries within the hour skip STARTTLS. DELETE takes it off."""
+    settings(W.inst, starttls_outbound=True, tls_failure_fallback=True)
+    sink = SmtpSink(tls_fail=True)
+    try:
+        dom = W.sink_mx(sink)
+        qid = send(W, "uma@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"uma@" + dom: "delivered"}
+        assert [a["result"] for a in e["attempts"]] == ["retry_clear",
+                                                        "delivered"]
+        assert e["attempts"][1]["starttls"] is False
+        assert e["attempts"][1]["tls_rule"] == 6
+        fl = api(W.inst, "GET", "/api/v1/tls-failures").json()["items"]
+        item = [i for i in fl if i["host"] == "mx." + dom][0]
+        assert item["ip"] == sink.host
+        exp = time.gmtime()
+        assert item["expires_at"].endswith(":00:00Z")
+        n_sessions = len(sink.sessions)
+        qid2 = send(W, "vic@" + dom)
+        e2 = wait_final(W, qid2)
+        assert [a["result"] for a in e2["attempts"]] == ["delivered"]
+        assert "STARTTLS" not in [c.verb for s in sink.sessions[n_sessions:]
+                                  for c in s.commands]
+        assert "on the TLS-failure list" in e2["attempts"][0]["tls_reason"] \
+            or "within the hour" in e2["attempts"][0]["tls_reason"]
+        d = api(W.inst, "DELETE", "/api/v1/tls-failures/mx." + dom)
+        assert d.status_code == 204
+        n_sessions = len(sink.sessions)
+        qid3 = send(W, "wes@" + dom)
+        e3 = wait_final(W, qid3)
+        assert e3["attempts"][0]["result"] == "retry_clear"
+        assert "STARTTLS" in [c.verb for s in sink.sessions[n_sessions:]
+                              for c in s.commands]
+        del exp
+    finally:
+        sink.stop()
+
+
+def test_handshake_failure_without_fallback_defers(W):
+    settings(W.inst, starttls_outbound=True, tls_failure_fallback=False)
+    sink = SmtpSink(tls_fail=True)
+    try:
+        dom = W.sink_mx(sink)
+        qid = send(W, "xia@" + dom)
+        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1)
+        assert e["attempts"][0]["result"] in ("next_mx", "deferred")
+        assert e["recipients"][0]["state"] != "delivered"
+        assert not sink.messages
+        api(W.inst, "DELETE", "/api/v1/queue/" + qid)
+    finally:
+        sink.stop()
+
+
+def test_failure_list_expires_at_the_period_boundary(W):
+    """The list is reset at every full period (an hour by default;
+    sg_delivery_tls_failure_period makes the boundary testable): after
+    it, STARTTLS is tried again."""
+    with W.instance(extra_main=DELIVERY_CONF
+                    + "sg_delivery_tls_failure_period 3s;\n") as inst:
+        settings(inst, starttls_outbound=True, tls_failure_fallback=True)
+        sink = SmtpSink(tls_fail=True)
+        try:
+            dom = W.sink_mx(sink)
+            qid = send(W, "yan@" + dom)
+            e = wait_final(W, qid)
+            assert e["attempts"][0]["result"] == "retry_clear"
+            wait_for(lambda: not [i for i in api(inst, "GET",
+                                                 "/api/v1/tls-failures")
+                                  .json()["items"]
+                                  if i["host"] == "mx." + dom],
+                     timeout=10, message="the key expires")
+            time.sleep(0.2)
+            n = len(sink.sessions)
+            qid = send(W, "zed@" + dom)
+            e = wait_final(W, qid)
+            assert e["attempts"][0]["result"] == "retry_clear"
+            assert "STARTTLS" in [c.verb for s in sink.sessions[n:]
+                                  for c in s.commands]
+        finally:
+            sink.stop()
+
+
+def test_failure_list_in_worker_memory_while_redis_is_down(W):
+    settings(W.inst, starttls_outbound=True, tls_failure_fallback=True)
+    sink = SmtpSink(tls_fail=True)
+    W.redis.stop()
+    try:
+        dom = W.sink_mx(sink)
+        qid = send(W, "abe@" + dom)
+        e = wait_final(W, qid)
+        assert e["attempts"][0]["result"] == "retry_clear"
+        n = len(sink.sessions)
+        qid = send(W, "bea@" + dom)
+        e = wait_final(W, qid)
+        assert [a["result"] for a in e["attempts"]] == ["delivered"]
+        assert "STARTTLS" not in [c.verb for s in sink.sessions[n:]
+                                  for c in s.commands]
+        assert "in this worker's memory" in W.inst.log_tail(200)
+        r = api(W.inst, "GET", "/api/v1/tls-failures")
+        assert r.status_code == 503
+    finally:
+        W.redis.start()
+        sink.stop()
+
+
+# ------------------------------------------------------ retries and DSNs
+
+def test_queue_lifetime_bounces_with_4_4_7(W):
+    sink = SmtpSink(rcpt_reply="451 4.2.0 busy")
+    with W.instance(extra_main=DELIVERY_CONF
+                    + "sg_delivery_max_lifetime 3s;\n"):
+        dom = W.sink_mx(sink)
+        qid = send(W, "cy@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"cy@" + dom: "bounced"}
+        assert e["recipients"][0]["dsn_status"] == "4.4.7"
+        assert len(e["attempts"]) >= 2
+        (txn,) = dsns_for(W, qid)
+        _, rcpts, _ = dsn_parts(txn)
+        assert rcpts[0]["Status"] == "4.4.7"
+        assert rcpts[0]["Action"] == "failed"
+    sink.stop()
+
+
+def test_dsn_options_ret_envid_orcpt_and_notify_never(W):
+    """RFC 3461: RET=HDRS returns headers only, ENVID and ORCPT come back
+    in the DSN; NOTIFY=NEVER gets no DSN; a null sender never does."""
+    sink = SmtpSink(rcpt_reply="550 5.1.1 unknown")
+    try:
+        dom = W.sink_mx(sink)
+        qid = send(W, "dee@" + dom, mail_options=("RET=HDRS", "ENVID=abc123"),
+                   rcpt_options=("ORCPT=rfc822;orig+2Bdee@" + dom,))
+        (txn,) = dsns_for(W, qid)
+        msg, rcpts, parts = dsn_parts(txn)
+        per_msg = dict(parts[1].get_payload()[0].items())
+        assert per_msg["Original-Envelope-Id"] == "abc123"
+        assert rcpts[0]["Original-Recipient"].replace(" ", "") == \
+            "rfc822;orig+2Bdee@" + dom
+        assert parts[2].get_content_type() == "text/rfc822-headers"
+        q2 = send(W, "eve@" + dom, rcpt_options=("NOTIFY=NEVER",))
+        q3 = send(W, "fox@" + dom, sender="")
+        wait_final(W, q2)
+        wait_final(W, q3)
+        time.sleep(2)
+        assert not [t for t in W.dsn_sink.messages
+                    if q2.encode() in t.data or q3.encode() in t.data]
+    finally:
+        sink.stop()
+
+
+def test_notify_success_relayed_when_the_next_hop_lacks_dsn(W):
+    """RFC 3461, 6.2.1: NOTIFY=SUCCESS to a next hop without DSN: sg
+    reports "relayed"; a next hop with DSN gets NOTIFY and reports
+    itself."""
+    plain = SmtpSink(ehlo=["PIPELINING", "8BITMIME"])
+    dsn = SmtpSink()
+    try:
+        d1, d2 = W.sink_mx(plain), W.sink_mx(dsn)
+        q1 = send(W, "gil@" + d1, rcpt_options=("NOTIFY=SUCCESS",))
+        (txn,) = dsns_for(W, q1)
+        _, rcpts, _ = dsn_parts(txn)
+        assert rcpts[0]["Action"] == "relayed"
+        q2 = send(W, "hub@" + d2, rcpt_options=("NOTIFY=SUCCESS",))
+        wait_final(W, q2)
+        assert dsn.messages[0].rcpts[0].params.get("NOTIFY") == "SUCCESS"
+        time.sleep(2)
+        assert not [t for t in W.dsn_sink.messages if q2.encode() in t.data]
+    finally:
+        plain.stop()
+        dsn.stop()
+
+
+def test_delay_notice(W):
+    sink = SmtpSink(rcpt_reply="451 4.2.0 busy")
+    with W.instance(extra_main=DELIVERY_CONF
+                    + "sg_delivery_delay_notice 2s;\n") as inst:
+        dom = W.sink_mx(sink)
+        qid = send(W, "ian@" + dom, rcpt_options=("NOTIFY=DELAY,FAILURE",))
+        (txn,) = dsns_for(W, qid)
+        _, rcpts, _ = dsn_parts(txn)
+        assert rcpts[0]["Action"] == "delayed"
+        assert rcpts[0]["Status"].startswith("4.")
+        time.sleep(2.5)
+        assert len(dsns_for(W, qid)) == 1          # once per recipient
+        api(inst, "DELETE", "/api/v1/queue/" + qid)
+    sink.stop()
+
+
+# ------------------------------------------------------ the queue API
+
+def test_retry_now_and_delete_with_and_without_bounce(W):
+    sink = SmtpSink(rcpt_reply=ReplySequence("451 4.2.0 busy", "250 2.1.5 Ok"))
+    with W.instance(extra_main=DELIVERY_CONF.replace(
+            "sg_delivery_retry_schedule 1s;",
+            "sg_delivery_retry_schedule 1h;")) as inst:
+        dom = W.sink_mx(sink)
+        qid = send(W, "jay@" + dom)
+        wait_entry(W, qid, lambda e: e["recipients"][0]["state"] == "deferred")
+        r = api(inst, "POST", "/api/v1/queue/%s/retry" % qid)
+        assert r.status_code == 200, r.text
+        e = wait_final(W, qid, timeout=15)
+        assert states(e) == {"jay@" + dom: "delivered"}
+        sink.rcpt_reply = "451 4.2.0 busy"
+        q2 = send(W, "kai@" + dom)
+        wait_entry(W, q2, lambda e: e["recipients"][0]["state"] == "deferred")
+        assert api(inst, "DELETE", "/api/v1/queue/%s?bounce=true" % q2) \
+            .status_code in (200, 204)
+        (txn,) = dsns_for(W, q2)
+        q3 = send(W, "lou@" + dom)
+        wait_entry(W, q3, lambda e: e["recipients"][0]["state"] == "deferred")
+        assert api(inst, "DELETE", "/api/v1/queue/" + q3).status_code in (200, 204)
+        assert entry(W, q3)["recipients"][0]["state"] == "deleted"
+        time.sleep(2)
+        assert not [t for t in W.dsn_sink.messages if q3.encode() in t.data]
+    sink.stop()
+
+
+# ------------------------------------------------------ crashes
+
+def test_kill_9_of_a_worker_mid_delivery_is_delivered_later(W):
+    """A worker killed in a transaction loses nothing: its lease runs out
+    and another worker delivers (a duplicate is possible only after the
+    final dot: docs/design.md)."""
+    sink = SmtpSink(delays={"rcpt": 30})
+    with W.instance(workers=2) as inst:
+        inst.allow_problems.append("exited on signal 9")
+        dom = W.sink_mx(sink)
+        qid = send(W, "mia@" + dom)
+        sink.wait_for(lambda: any(c.verb == "RCPT" for s in sink.sessions
+                                  for c in s.commands), timeout=20)
+        e = entry(W, qid)
+        assert e["recipients"][0]["state"] == "delivering"
+        # the worker holding the connection to the sink
+        import subprocess
+        out = subprocess.run(["ss", "-tnpH", "dst", "%s:25" % sink.host],
+                             capture_output=True, text=True).stdout
+        pid = int(out.split("pid=")[1].split(",")[0])
+        os.kill(pid, signal.SIGKILL)
+        sink.delays = {}
+        e = wait_final(W, qid, timeout=30)
+        assert states(e) == {"mia@" + dom: "delivered"}
+        assert len(sink.messages) == 1
+    sink.stop()
+
+
+def test_postgresql_restart_during_delivery(W):
+    """PostgreSQL goes away while a transaction is under way: the result
+    is recorded once it is back, and nothing is lost."""
+    sink = SmtpSink(delays={"dot": 3})
+    try:
+        dom = W.sink_mx(sink)
+        qid = send(W, "ned@" + dom)
+        sink.wait_for(lambda: any(c.verb == "DATA" for s in sink.sessions
+                                  for c in s.commands), timeout=20)
+        W.pg.stop()
+        time.sleep(1)
+        W.pg.start()
+        e = wait_final(W, qid, timeout=40)
+        assert states(e) == {"ned@" + dom: "delivered"}
+        assert len(sink.messages) == 1
+    finally:
+        sink.stop()
