@@ -868,7 +868,12 @@ sg_dlv_lease_handler(ngx_event_t *ev)
 {
     const char  *params[2];
 
-    if (!sg_dlv.running || ngx_exiting || ngx_terminate) {
+    /*
+     * shutting down, transactions still finish: their claims must not run
+     * out meanwhile, or another worker would send them again
+     */
+    if (!sg_dlv.running || ngx_terminate || (ngx_exiting && sg_dlv.jobs == 0))
+    {
         return;
     }
 
