@@ -586,6 +586,7 @@ class Session:
         self.starttls_injected = b""
         self.transactions = []
         self.closed = False
+        self.ended = None
         self.end = None
         self.error = None
 
@@ -718,7 +719,7 @@ class SmtpSink:
             port = 25 if IS_ROOT else 0
         if host is None:
             host = loopback_host(port) if port else "127.0.0.1"
-        if not host.startswith("127."):
+        if not (host.startswith("127.") or host == "::1"):
             raise ValueError("SmtpSink listens on loopback only, not %r" % host)
         self.hostname = hostname
         self.banner = banner
@@ -747,7 +748,8 @@ class SmtpSink:
         self._conns = set()
         self._threads = []
         self._stopping = threading.Event()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self._listener.bind((host, port))
@@ -755,7 +757,7 @@ class SmtpSink:
             self._listener.close()
             raise
         self._listener.listen(128)
-        self.host, self.port = self._listener.getsockname()
+        self.host, self.port = self._listener.getsockname()[:2]
         self.address = (self.host, self.port)
         _register(self)
         self._accept_thread = threading.Thread(
@@ -914,6 +916,7 @@ class SmtpSink:
                 self._conns.discard(conn)
                 self._conns.discard(h.sock)
             s.closed = True
+            s.ended = time.time()
 
 
 class _Handler:

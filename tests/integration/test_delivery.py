@@ -540,6 +540,8 @@ def test_starttls_whenever_possible_with_any_certificate(W):
             assert a["starttls"] is True and a["tls_level"] == "may"
             assert a["tls_result_type"] == result_type
             assert sink.messages[0].tls
+            # RFC 6066, 3: SNI names the MX host
+            assert sink.messages[0].session.sni == "mx." + dom
         finally:
             sink.stop()
 
@@ -922,3 +924,40 @@ def test_reload_lets_a_transaction_in_flight_finish(W):
             assert "gracefully shutting down" in f.read()
     finally:
         sink.stop()
+
+
+def test_ipv6_mx_and_every_address_of_a_host(W):
+    """RFC 5321, 5.1: IPv4 and IPv6 addresses; every address of a host is
+    tried before the next host (the first address refuses)."""
+    v6 = SmtpSink(host="::1")
+    try:
+        dom = unique("six")
+        W.mx(dom, ("mx." + dom, ["127.0.0.253", "::1"], 10))
+        qid = send(W, "pia@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"pia@" + dom: "delivered"}
+        assert [(a["ip"], a["result"]) for a in e["attempts"]] == \
+            [("127.0.0.253", "next_mx"), ("::1", "delivered")]
+        assert v6.messages[0].rcpts[0].address == "pia@" + dom
+    finally:
+        v6.stop()
+
+
+def test_destination_concurrency_limit(W):
+    """sg_delivery_destination_concurrency: at most that many connections
+    to one destination at once; the messages queue behind them."""
+    sink = SmtpSink(delays={"dot": 0.5})
+    conf = DELIVERY_CONF + "sg_delivery_destination_concurrency 2;\n"
+    with W.instance(extra_main=conf):
+        dom = W.sink_mx(sink)
+        ids = [send(W, "q%d@%s" % (i, dom)) for i in range(6)]
+        for qid in ids:
+            wait_final(W, qid)
+        assert len(sink.messages) == 6
+        # sessions overlapping in time: never more than 2
+        spans = sorted((s.started, s.ended or time.time())
+                       for s in sink.sessions)
+        peak = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+        assert peak <= 2, spans
+        assert len(sink.sessions) <= 3
+    sink.stop()
