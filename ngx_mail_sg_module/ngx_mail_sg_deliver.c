@@ -77,6 +77,8 @@ struct sg_dlv_job_s {
     unsigned             eightbit:1;
     unsigned             smtputf8:1;
     unsigned             requiretls:1;
+    unsigned             requiretls_dsn:1;   /* a DSN of a flagged message:
+                                                REQUIRETLS when offered */
     unsigned             tls_required_no:1;
 
     sg_dlv_rcpt_t       *rcpts;
@@ -98,6 +100,8 @@ struct sg_dlv_dest_s {
     ngx_str_t            host;               /* relay/internal: the host */
     in_port_t            port;
     unsigned             relay:1;            /* host, not MX of domain */
+    unsigned             internal_trusted:1; /* a local domain's server,
+                                                trusted for REQUIRETLS */
 
     ngx_queue_t          jobs;
     ngx_uint_t           njobs;
@@ -443,7 +447,8 @@ static sg_dlv_worker_t  sg_dlv;
     "  m.sender, m.size, m.body_type, m.smtputf8,"                           \
     "  coalesce(m.dsn_ret, '') AS ret, coalesce(m.dsn_envid, '') AS envid,"  \
     "  m.requiretls, m.tls_required_no,"                                     \
-    "  extract(epoch FROM m.received_at)::bigint AS received)"               \
+    "  extract(epoch FROM m.received_at)::bigint AS received,"               \
+    "  'dsn' = ANY(m.requiretls_sources) AS requiretls_dsn)"                 \
     " SELECT * FROM c ORDER BY message_id, domain, id"
 
 #define SG_DLV_LEASE_SQL                                                     \
@@ -546,7 +551,7 @@ static sg_dlv_worker_t  sg_dlv;
     "  OR (id = ANY($3::bigint[]) AND NOT delay_notified) RETURNING id),"    \
     " m AS (INSERT INTO messages (id, sender, size, body, body_type,"        \
     "  requiretls, requiretls_sources, client_ip, helo, esmtp, dsn_of)"      \
-    "  SELECT $4, '', $5::bigint, $6::bytea, $7, $8::boolean,"               \
+    "  SELECT $4, '', $5::bigint, $6::bytea, $7, false,"                     \
     "  CASE WHEN $8::boolean THEN ARRAY['dsn'] ELSE '{}'::text[] END,"       \
     "  NULL, $9, true, $1"                                                   \
     "  WHERE (SELECT count(*) FROM c) = $10::integer AND $10::integer > 0"   \
@@ -1047,6 +1052,7 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
         job->tls_required_no = (PQgetvalue(res, i, 15)[0] == 't');
         job->received = ngx_atotm((u_char *) PQgetvalue(res, i, 16),
                                   PQgetlength(res, i, 16));
+        job->requiretls_dsn = (PQgetvalue(res, i, 17)[0] == 't');
 
         job->nrcpts = j - i;
         job->rcpts = ngx_pcalloc(pool, job->nrcpts * sizeof(sg_dlv_rcpt_t));
@@ -1121,7 +1127,7 @@ sg_dlv_dest_for(ngx_str_t *domain, ngx_uint_t local, ngx_str_t *address)
     uint32_t          hash;
     ngx_str_t         key, host, dom;
     in_port_t         port;
-    ngx_uint_t        relay;
+    ngx_uint_t        relay, trusted;
     sg_route_t       *route;
     sg_domain_t      *d;
     sg_lists_t       *l;
@@ -1135,6 +1141,7 @@ sg_dlv_dest_for(ngx_str_t *domain, ngx_uint_t local, ngx_str_t *address)
 
     dom = *domain;
     relay = 0;
+    trusted = 0;
     host.len = 0;
     host.data = NULL;
     port = (in_port_t) sg_dlv.conf->port;
@@ -1160,6 +1167,7 @@ sg_dlv_dest_for(ngx_str_t *domain, ngx_uint_t local, ngx_str_t *address)
             host = d->server_host;
             port = d->server_port;
             relay = 1;
+            trusted = d->requiretls_trusted;
         }
     }
 
@@ -1213,6 +1221,7 @@ sg_dlv_dest_for(ngx_str_t *domain, ngx_uint_t local, ngx_str_t *address)
 
     dest->port = port;
     dest->relay = relay;
+    dest->internal_trusted = trusted;
     dest->sn.node.key = hash;
 
     ngx_queue_init(&dest->jobs);
@@ -1620,6 +1629,7 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
     f.starttls_outbound = st->starttls_outbound;
     f.tls_failure_fallback = st->tls_failure_fallback;
     f.mx_dnssec = dest->route->mx_secure && !dest->relay;
+    f.internal_trusted = dest->internal_trusted;
 
     if (l) {
         f.on_required_list = sg_lists_required(l, sess->peer.sockaddr,
@@ -1819,7 +1829,12 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
     txn->size = job->size;
     txn->eightbit = job->eightbit;
     txn->smtputf8 = job->smtputf8;
-    txn->requiretls = sess->decision.send_requiretls;
+    /*
+     * RFC 8689, 5: the DSN of a flagged message is sent with REQUIRETLS
+     * when the next hop supports it, and not discarded when it does not
+     */
+    txn->requiretls = sess->decision.send_requiretls
+                      || (job->requiretls_dsn && info->requiretls);
     txn->ret = job->ret;
     txn->envid = job->envid;
     txn->body = job->body;
