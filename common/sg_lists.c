@@ -9,13 +9,16 @@
 
 #include "sg_core.h"
 #include "sg_lists.h"
+#include "sg_sts_host.h"
 
 
 #define SG_LISTS_SQL                                                         \
     "SELECT json_build_object("                                              \
     " 'domains', (SELECT coalesce(json_agg(json_build_object("               \
     "   'name', name, 'server', internal_server,"                            \
-    "   'trusted', requiretls_trusted)), '[]') FROM domains),"               \
+    "   'trusted', requiretls_trusted, 'sts_mode', mta_sts_mode,"            \
+    "   'sts_mx', to_json(mta_sts_mx), 'sts_max_age', mta_sts_max_age,"      \
+    "   'sts_id', mta_sts_id)), '[]') FROM domains),"                        \
     " 'relay', (SELECT coalesce(json_agg(value::text), '[]')"                \
     "   FROM relay_networks),"                                               \
     " 'whitelist', (SELECT coalesce(json_agg(json_build_object("             \
@@ -42,6 +45,8 @@ static ngx_int_t sg_lists_host_port(ngx_pool_t *pool, ngx_str_t *text,
     ngx_str_t *host, in_port_t *port);
 static ngx_int_t sg_lists_str(ngx_pool_t *pool, json_t *v, ngx_str_t *s,
     ngx_uint_t lower);
+static ngx_int_t sg_lists_sts_policy(ngx_pool_t *pool, json_t *v,
+    sg_domain_t *d, ngx_log_t *log);
 static void sg_lists_notify(void *data, const char *channel,
     const char *payload);
 static void sg_lists_poll_handler(ngx_event_t *ev);
@@ -357,6 +362,10 @@ sg_lists_build(json_t *doc, ngx_log_t *log)
             ngx_str_null(&d->server_host);
             d->server_port = 0;
         }
+
+        if (sg_lists_sts_policy(pool, v, d, log) != NGX_OK) {
+            goto failed;
+        }
     }
 
     json_array_foreach(json_object_get(doc, "relay"), i, v) {
@@ -496,6 +505,94 @@ failed:
     ngx_destroy_pool(pool);
 
     return NULL;
+}
+
+
+/*
+ * The MTA-STS policy document of a domain, written once per load and read
+ * back by sg's own parser (RFC 8461, 3.2) before it is served: a row the
+ * API did not write (by hand) cannot make sg serve a broken policy.
+ * NGX_ERROR only when out of memory.
+ */
+
+static ngx_int_t
+sg_lists_sts_policy(ngx_pool_t *pool, json_t *v, sg_domain_t *d,
+    ngx_log_t *log)
+{
+    size_t            i, n, len;
+    json_t           *mx, *m;
+    u_char           *p;
+    const char       *mode_text;
+    sg_sts_err_t      err;
+    sg_sts_str_t     *pats;
+    sg_sts_mode_e     mode;
+    json_int_t        max_age;
+    sg_sts_policy_t   check;
+
+    ngx_str_null(&d->mta_sts_id);
+    ngx_str_null(&d->mta_sts_policy);
+
+    if (sg_lists_str(pool, json_object_get(v, "sts_id"), &d->mta_sts_id, 0)
+        != NGX_OK)
+    {
+        ngx_str_null(&d->mta_sts_id);
+    }
+
+    mode_text = json_string_value(json_object_get(v, "sts_mode"));
+    mx = json_object_get(v, "sts_mx");
+    max_age = json_integer_value(json_object_get(v, "sts_max_age"));
+    n = json_array_size(mx);
+
+    if (d->mta_sts_id.len == 0 || mode_text == NULL
+        || sg_sts_host_mode(mode_text, ngx_strlen(mode_text), &mode) != 0
+        || max_age < 0 || max_age > SG_STS_MAX_AGE_MAX
+        || n > SG_STS_MX_MAX)
+    {
+        goto invalid;
+    }
+
+    pats = ngx_palloc(pool, (n ? n : 1) * sizeof(sg_sts_str_t));
+    if (pats == NULL) {
+        return NGX_ERROR;
+    }
+
+    json_array_foreach(mx, i, m) {
+        pats[i].data = json_string_value(m);
+        pats[i].len = json_string_length(m);
+
+        if (pats[i].data == NULL) {
+            goto invalid;
+        }
+    }
+
+    len = sg_sts_host_policy(NULL, 0, mode, pats, n, (uint32_t) max_age);
+
+    p = ngx_pnalloc(pool, len + 1);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (len == 0
+        || sg_sts_host_policy((char *) p, len + 1, mode, pats, n,
+                              (uint32_t) max_age)
+           != len
+        || sg_sts_policy_parse((char *) p, len, &check, &err) != SG_STS_OK)
+    {
+        goto invalid;
+    }
+
+    d->mta_sts_policy.data = p;
+    d->mta_sts_policy.len = len;
+
+    return NGX_OK;
+
+invalid:
+
+    ngx_log_error(NGX_LOG_ERR, log, 0,
+                  "sg: local domain \"%V\": its MTA-STS policy is not valid,"
+                  " none is served for it", &d->name);
+
+    return NGX_OK;
 }
 
 

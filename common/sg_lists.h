@@ -24,6 +24,13 @@ typedef struct {
     ngx_str_t            server_host;       /* name or IP, no [] */
     in_port_t            server_port;       /* 25 when not given */
     unsigned             requiretls_trusted:1;
+
+    /* the MTA-STS policy sg hosts for it (RFC 8461) */
+    ngx_str_t            mta_sts_id;        /* id= of its _mta-sts TXT */
+    ngx_str_t            mta_sts_policy;    /* the document served at
+                                               https://mta-sts.<name>/
+                                               .well-known/mta-sts.txt;
+                                               empty: none to serve */
 } sg_domain_t;
 
 

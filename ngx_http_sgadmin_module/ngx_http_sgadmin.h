@@ -149,6 +149,8 @@ void ngx_http_sgadmin_domains_update(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 void ngx_http_sgadmin_domains_delete(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
+ngx_int_t ngx_http_sgadmin_domain_param(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx, const char **id, const char **name);
 
 void ngx_http_sgadmin_rules_list(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
@@ -189,6 +191,15 @@ void ngx_http_sgadmin_queue_delete(ngx_http_request_t *r,
 
 /* ngx_http_sgadmin_resolve.c */
 void ngx_http_sgadmin_resolve(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
+/* ngx_http_sgadmin_sts_host.c: MTA-STS policies of local domains */
+#define NGX_HTTP_SGADMIN_STS_URI  "/.well-known/mta-sts.txt"
+
+/* NGX_DECLINED: not the policy's path; else answered */
+ngx_int_t ngx_http_sgadmin_sts_policy(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_domains_dns(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 
 

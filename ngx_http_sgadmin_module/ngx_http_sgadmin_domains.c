@@ -4,7 +4,10 @@
  *
  * A domain is named in the path by its id or by its name.  The body is
  * validated and normalized here; PostgreSQL merges a PUT into the row in
- * the statement that writes the audit row.
+ * the statement that writes the audit row.  mta_sts.id is read-only: a
+ * trigger gives the policy a new one whenever mode, mx or max_age change
+ * (sql/009_mta_sts_hosting.sql); the policy itself is served by
+ * ngx_http_sgadmin_sts_host.c.
  */
 
 #include <ngx_config.h>
@@ -24,7 +27,8 @@
     " 'internal_server', " t ".internal_server,"                             \
     " 'requiretls_trusted', " t ".requiretls_trusted,"                       \
     " 'mta_sts', json_build_object('mode', " t ".mta_sts_mode,"              \
-    "   'mx', to_json(" t ".mta_sts_mx), 'max_age', " t ".mta_sts_max_age)," \
+    "   'mx', to_json(" t ".mta_sts_mx),"                                    \
+    "   'max_age', " t ".mta_sts_max_age, 'id', " t ".mta_sts_id),"          \
     " 'tlsrpt_rua', " t ".tlsrpt_rua, 'comment', " t ".comment,"             \
     " 'created_at', " t ".created_at, 'updated_at', " t ".updated_at)"
 
@@ -156,8 +160,6 @@ static json_t *ngx_http_sgadmin_domain_body(ngx_http_request_t *r,
     json_t *body, ngx_uint_t create);
 static void ngx_http_sgadmin_domain_mta_sts(json_t *v, json_t *norm,
     json_t *errors, ngx_uint_t create);
-static ngx_int_t ngx_http_sgadmin_domain_param(ngx_http_request_t *r,
-    ngx_http_sgadmin_ctx_t *ctx, const char **id, const char **name);
 
 
 void
@@ -258,7 +260,7 @@ ngx_http_sgadmin_domains_delete(ngx_http_request_t *r,
  * is all digits: its last label would be).  One of the two is NULL.
  */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_sgadmin_domain_param(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx, const char **id, const char **name)
 {

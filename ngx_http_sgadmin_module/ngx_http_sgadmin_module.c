@@ -97,6 +97,9 @@ static const ngx_http_sgadmin_route_t  ngx_http_sgadmin_routes[] = {
     { NGX_HTTP_DELETE, ngx_string("/domains/{id}"),
       NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_domains_delete },
 
+    { NGX_HTTP_GET, ngx_string("/domains/{id}/dns"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_domains_dns },
+
     { NGX_HTTP_GET, ngx_string("/content-filter/rules"),
       NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_rules_list },
 
@@ -244,6 +247,11 @@ ngx_http_sgadmin_handler(ngx_http_request_t *r)
 
     /* one path from here on: every answer finalizes the request once */
     r->main->count++;
+
+    /* RFC 8461, 3.3: a local domain's MTA-STS policy, for anyone */
+    if (ngx_http_sgadmin_sts_policy(r, ctx) != NGX_DECLINED) {
+        return NGX_DONE;
+    }
 
     path_found = 0;
     route = NULL;

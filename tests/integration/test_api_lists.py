@@ -6,6 +6,7 @@ Each write must leave one audit_log row written by the same statement and
 NOTIFY sg_lists with the table's name.
 """
 
+import re
 import select
 import time
 
@@ -360,7 +361,9 @@ def test_domain_create_defaults(inst):
     assert d["name"] == "example.com"
     assert d["internal_server"] == "exchange.internal:25"
     assert d["requiretls_trusted"] is False
-    assert d["mta_sts"] == {"mode": "none", "mx": [], "max_age": 604800}
+    assert d["mta_sts"] == {"mode": "none", "mx": [], "max_age": 604800,
+                            "id": d["mta_sts"]["id"]}
+    assert re.match(r"^[A-Za-z0-9]{1,32}$", d["mta_sts"]["id"])  # RFC 8461
     assert d["tlsrpt_rua"] == "" and d["comment"] == ""
 
     assert api(inst, "GET", "%s/%d" % (DOMAINS, d["id"])).json() == d
@@ -386,7 +389,7 @@ def test_domain_create_full(inst):
     assert d["requiretls_trusted"] is True
     assert d["mta_sts"] == {"mode": "enforce",
                             "mx": ["mx1.example.org", "*.mail.example.org"],
-                            "max_age": 86400}
+                            "max_age": 86400, "id": d["mta_sts"]["id"]}
     assert d["tlsrpt_rua"] == full["tlsrpt_rua"]
     assert d["comment"] == "head office"
 
@@ -492,7 +495,8 @@ def test_domain_update(inst, pg):
             json={"mta_sts": {"mx": ["mx.upd.example"]}})
     assert r.status_code == 200, r.text
     assert r.json()["mta_sts"] == {"mode": "none", "mx": ["mx.upd.example"],
-                                   "max_age": 604800}
+                                   "max_age": 604800,
+                                   "id": r.json()["mta_sts"]["id"]}
     r = api(inst, "PUT", DOMAINS + "/upd.example",
             json={"mta_sts": {"mode": "enforce"}})
     assert r.status_code == 200, r.text
