@@ -1914,12 +1914,20 @@ sg_client_dot_reply(sg_client_t *sc)
 static ngx_int_t
 sg_client_txn_done(sg_client_t *sc)
 {
-    /* RFC 2920, 3.1: a reply for every command, nothing more */
+    /*
+     * RFC 2920, 3.1: a reply for every command, nothing more.  Extra
+     * bytes make the connection unusable, but the replies already read
+     * stand: a 250 to the final "." is a delivery, never a retry.  The
+     * owner sees info.step and closes the connection instead of reusing
+     * it.
+     */
     if (sc->in->pos != sc->in->last) {
         sc->rset = 1;
-        sg_client_fail(sc, SG_CLIENT_PROTOCOL,
-                       "data after the last reply");
-        return NGX_ERROR;
+        sc->in->pos = sc->in->last;
+        sc->info.step = SG_CLIENT_PROTOCOL;
+        sc->info.reason = "data after the last reply";
+        ngx_log_error(NGX_LOG_INFO, &sc->log, 0,
+                      "sg client: data after the last reply");
     }
 
     sc->out->pos = sc->out->start;

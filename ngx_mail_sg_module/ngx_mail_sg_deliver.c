@@ -113,6 +113,8 @@ struct sg_dlv_dest_s {
     sg_dns_req_t        *dns;
 
     ngx_queue_t          waiting;            /* sg_dlv.waiting */
+    ngx_uint_t           busy;               /* sg_dlv_dest_run() frames:
+                                                not freed meanwhile */
     unsigned             in_waiting:1;
 };
 
@@ -201,6 +203,7 @@ static void sg_dlv_claimed(void *data, PGresult *res, const char *err,
 static sg_dlv_dest_t *sg_dlv_dest_for(ngx_str_t *domain,
     ngx_uint_t local, ngx_str_t *address);
 static void sg_dlv_dest_run(sg_dlv_dest_t *dest);
+static void sg_dlv_dest_step(sg_dlv_dest_t *dest);
 static void sg_dlv_dest_routed(void *data, sg_dns_route_t *route);
 static void sg_dlv_dest_fail_all(sg_dlv_dest_t *dest, ngx_uint_t bounce,
     const char *status, const char *reply);
@@ -457,7 +460,8 @@ static sg_dlv_worker_t  sg_dlv;
     "  WHERE state = 'delivering' AND claimed_by = $1 RETURNING id),"        \
     " lost AS (UPDATE recipients SET state = 'deferred', claimed_by = NULL," \
     "  lease_until = NULL, next_attempt_at = now()"                          \
-    "  WHERE state = 'delivering' AND lease_until < now() RETURNING id)"     \
+    "  WHERE state = 'delivering' AND lease_until < now()"                   \
+    "  AND claimed_by IS DISTINCT FROM $1 RETURNING id)"                     \
     " SELECT (SELECT count(*) FROM mine), (SELECT count(*) FROM lost)"
 
 #define SG_DLV_BODY_SQL                                                      \
@@ -1014,7 +1018,7 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
                                &address);
 
         pool = ngx_create_pool(4096, sg_dlv.log);
-        if (pool == NULL || dest == NULL || msgid.len != 16) {
+        if (pool == NULL || msgid.len != 16) {
             /* the lease brings them back */
             if (pool) {
                 ngx_destroy_pool(pool);
@@ -1083,7 +1087,7 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
                 break;
             }
 
-            if (domain.len == 0 && dest->domain.len) {
+            if (domain.len == 0 && dest && dest->domain.len) {
                 /* <Postmaster>: the first local domain's postmaster */
                 r->address.len = sizeof("postmaster@") - 1 + dest->domain.len;
                 r->address.data = ngx_pnalloc(pool, r->address.len);
@@ -1102,6 +1106,17 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
         }
 
         sg_dlv.jobs++;
+
+        if (dest == NULL) {
+            /* recorded, so that the claim does not come back unchanged */
+            sg_dlv_rcpt_outcome(job, NULL, 451, "4.3.5",
+                                "no route: <Postmaster> needs a local"
+                                " domain, or this worker has no lists yet",
+                                NULL, 0);
+            sg_dlv_job_finish(job);
+            continue;
+        }
+
         ngx_queue_insert_tail(&dest->jobs, &job->link);
         dest->njobs++;
 
@@ -1237,6 +1252,21 @@ sg_dlv_dest_for(ngx_str_t *domain, ngx_uint_t local, ngx_str_t *address)
 
 static void
 sg_dlv_dest_run(sg_dlv_dest_t *dest)
+{
+    /*
+     * a session may end inside this function (its body query fails at
+     * once) and free the destination: hold it until the end
+     */
+    dest->busy++;
+    sg_dlv_dest_step(dest);
+    dest->busy--;
+
+    sg_dlv_dest_free(dest);
+}
+
+
+static void
+sg_dlv_dest_step(sg_dlv_dest_t *dest)
 {
     ngx_str_t       name;
     ngx_queue_t    *q;
@@ -1397,7 +1427,9 @@ sg_dlv_dest_fail_all(sg_dlv_dest_t *dest, ngx_uint_t bounce,
 static void
 sg_dlv_dest_free(sg_dlv_dest_t *dest)
 {
-    if (!ngx_queue_empty(&dest->jobs) || dest->sessions || dest->dns) {
+    if (!ngx_queue_empty(&dest->jobs) || dest->sessions || dest->dns
+        || dest->busy)
+    {
         return;
     }
 
@@ -1808,6 +1840,23 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
 
         sg_dlv_attempt(sess, info, "bounced", "the message is bigger than"
                        " the next hop accepts (SIZE)");
+        sg_dlv_job_finish(job);
+        sess->job = NULL;
+        sg_dlv_sess_done(sess);
+        return;
+    }
+
+    if (job->eightbit && !info->eightbitmime) {
+        /* RFC 6152, 3: 8-bit data only to a server that offers 8BITMIME */
+        for (i = 0; i < job->nrcpts; i++) {
+            sg_dlv_rcpt_outcome(job, &job->rcpts[i], 554, "5.6.3",
+                                "554 5.6.3 the message has 8-bit data and"
+                                " the next hop does not offer 8BITMIME",
+                                &sess->host_name, 0);
+        }
+
+        sg_dlv_attempt(sess, info, "bounced", "the next hop does not offer"
+                       " 8BITMIME (RFC 6152, 3)");
         sg_dlv_job_finish(job);
         sess->job = NULL;
         sg_dlv_sess_done(sess);

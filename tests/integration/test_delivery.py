@@ -961,3 +961,20 @@ def test_destination_concurrency_limit(W):
         assert peak <= 2, spans
         assert len(sink.sessions) <= 3
     sink.stop()
+
+
+def test_8bit_message_bounces_at_a_next_hop_without_8bitmime(W):
+    """RFC 6152, 3: 8-bit data is never sent to a server that does not
+    offer 8BITMIME: the recipient bounces with 5.6.3."""
+    sink = SmtpSink(ehlo=["PIPELINING", "ENHANCEDSTATUSCODES"])
+    try:
+        dom = W.sink_mx(sink)
+        body = "Subject: 8bit\r\n\r\ncaf\xc3\xa9\r\n".encode("latin-1")
+        qid = send(W, "rio@" + dom, msg=body, mail_options=("BODY=8BITMIME",))
+        e = wait_final(W, qid)
+        assert states(e) == {"rio@" + dom: "bounced"}
+        assert e["recipients"][0]["dsn_status"] == "5.6.3"
+        assert not sink.transactions
+    finally:
+        sink.stop()
+
