@@ -1,34 +1,46 @@
 #!/usr/bin/python3
 """bench/bench.py: sg against Postfix on this machine, in one run.
 
-Called by `make bench` (mk/bench.mk), after sg is built and Postfix is
-installed. Everything runs in a temporary folder in /tmp on free loopback
-ports and is stopped and removed at the end, also on failure:
+Called by `make bench` (mk/bench.mk), after sg is built and Postfix,
+smtp-sink and stunnel are installed. Everything runs in a temporary folder
+in /tmp on free loopback ports and is stopped (by pid) and removed at the
+end, also on failure:
 
   * sg: PostgreSQL (fsync on, the defaults), Redis, nginx with
-    `worker_processes 2`, `worker_connections 20000`,
-    `worker_rlimit_nofile 30000`; relay_networks holds 127.0.0.0/8.
+    `worker_processes 2`; relay_networks holds 127.0.0.0/8; a default
+    route `*` to the sink (or to the TLS front of the sink).
   * Postfix: a private instance (own config, queue and data folders,
     `postfix -c DIR start`), smtpd on 127.0.0.1:PORT, mynetworks
-    127.0.0.0/8, everything delivered by the discard transport, fsync on,
-    Postfix's default process limits (default_process_limit = 100).
+    127.0.0.0/8, relayhost = the sink (or its TLS front), Postfix's
+    default limits (default_destination_concurrency_limit = 20, ...).
+  * the sink: one `smtp-sink -c`, whose running counters tell when the
+    last message arrived; for TLS on the outbound leg a STARTTLS
+    terminator in front of it (BENCH_TLS_FRONT: `nginx`, the default, an
+    nginx mail proxy with `starttls only`, or `stunnel`), with a
+    certificate from a throwaway openssl CA (sg trusts it: sg_trusted_ca).
 
 Measured:
-  1. smtp-source -s 20 and -s 100 (-m 5000 -l 4096) against each;
-     messages/s from the wall time of each smtp-source run, and how many
-     messages were really queued (sg: rows in `messages`; Postfix: qmgr
-     "(queue active)" lines in its maillog_file).
-  2. 10,000 concurrent idle SMTP sessions: greetings received, and the
-     memory (sum of VmRSS and of Pss) of all server processes before and
-     after.
+  1. 10,000 concurrent idle SMTP sessions: greetings received, and the
+     memory (sum of VmRSS and of Pss) of all server processes.
+  2. End to end, for plaintext and TLS on the outbound leg, -s 20 and
+     -s 100: smtp-source -m 5000 -l 4096 into the server, which relays to
+     the sink. msg/s = 5000 / (time from starting smtp-source until the
+     sink counted the 5000th message); CPU seconds of the server's
+     processes per 1000 messages; peak RSS of the server's processes.
 
 Prints the table and writes docs/benchmarks.md. Environment:
-BENCH_MESSAGES (5000), BENCH_IDLE (10000), BENCH_KEEP_TMP=1 keeps the
-temporary folder, BENCH_DOC (docs/benchmarks.md).
+BENCH_MESSAGES (5000), BENCH_IDLE (10000), BENCH_TLS_FRONT (nginx|stunnel),
+BENCH_STALL (20: seconds without progress at the sink before a run is
+given up), BENCH_BUDGET (540: seconds; runs that would start later are
+skipped). For development only (the page then shows less): BENCH_ONLY
+(sg|Postfix), BENCH_MODES ("plaintext TLS"), BENCH_SESSIONS ("20 100"),
+BENCH_KEEP_TMP=1 keeps the temporary folder, BENCH_DOC
+(docs/benchmarks.md), BENCH_MODULE_SO (build/ngx_sg_module.so).
 """
 
 import asyncio
 import datetime
+import json
 import os
 import platform
 import pwd
@@ -37,11 +49,15 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
+import urllib.error
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
@@ -57,12 +73,27 @@ MODULE_SO = os.environ.get("BENCH_MODULE_SO") or os.path.join(
 DOC = os.environ.get("BENCH_DOC") or os.path.join(PROJECT, "docs", "benchmarks.md")
 MESSAGES = int(os.environ.get("BENCH_MESSAGES") or 5000)
 IDLE = int(os.environ.get("BENCH_IDLE") or 10000)
+TLS_FRONT = os.environ.get("BENCH_TLS_FRONT") or "nginx"
+ONLY = os.environ.get("BENCH_ONLY") or ""
 SIZE = 4096
-SESSIONS = (20, 100)
+SESSIONS = tuple(int(x) for x in
+                 (os.environ.get("BENCH_SESSIONS") or "20 100").split())
+MODES = tuple(os.environ.get("BENCH_MODES", "plaintext TLS").split())
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
-RUN_TIMEOUT = 600           # one smtp-source run
-DRAIN_TIMEOUT = 180         # Postfix delivering (discarding) its queue
+POSTSUPER = shutil.which("postsuper") or "/usr/sbin/postsuper"
+STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel") or "/usr/bin/stunnel4"
+NGINX_BIN = sginstance.NGINX_BIN
+SINK_BACKLOG = 1024
+RUN_TIMEOUT = 300           # one smtp-source run
+E2E_STALL = int(os.environ.get("BENCH_STALL") or 20)
+E2E_TIMEOUT = 240           # one end-to-end run, from the first message
+DRAIN_TIMEOUT = 30          # a queue left over from a failed run, then purge
+SETTLE_TIMEOUT = 15         # after the last message at the sink: queue empty
+SAMPLE_INTERVAL = 0.2       # RSS sampling
+PSS_INTERVAL = 1.0          # PSS sampling (reading smaps_rollup costs more)
+BUDGET = int(os.environ.get("BENCH_BUDGET") or 540)   # s; later runs skipped
 IDLE_CONNECT_TIMEOUT = 5    # per connection attempt
 IDLE_GREETING_TIMEOUT = 5   # per connection, after connect
 IDLE_BOUND = 60             # whole idle phase, per server
@@ -70,6 +101,9 @@ NGINX_WORKERS = 2
 NGINX_WORKER_CONNECTIONS = 20000
 # at most the hard limit: the master cannot raise it in a container
 NGINX_RLIMIT_NOFILE = min(30000, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+SENDER, RECIPIENT = "from@example.com", "to@example.org"
 
 
 def log(msg):
@@ -78,7 +112,7 @@ def log(msg):
 
 def smtp_source_cmd(sessions, port):
     return [SMTP_SOURCE, "-s", str(sessions), "-m", str(MESSAGES),
-            "-l", str(SIZE), "-f", "from@example.com", "-t", "to@example.org",
+            "-l", str(SIZE), "-f", SENDER, "-t", RECIPIENT,
             "127.0.0.1:%d" % port]
 
 
@@ -89,18 +123,29 @@ def cmd_text(cmd):
 
 # ---------------------------------------------------------------- processes
 
-def children(pid):
-    """Pids of all descendants of pid."""
+def _stat_fields(pid):
+    """Fields of /proc/PID/stat after the command name: [0] is field 3
+    (state), [1] ppid, [11] utime, [12] stime, [13] cutime, [14] cstime."""
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _parents():
     parent = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
-            with open("/proc/%s/stat" % d) as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            ppid = int(_stat_fields(int(d))[1])
         except (OSError, IndexError, ValueError):
             continue
         parent.setdefault(ppid, []).append(int(d))
+    return parent
+
+
+def children(pid, parent=None):
+    """Pids of all descendants of pid."""
+    parent = _parents() if parent is None else parent
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -110,12 +155,56 @@ def children(pid):
     return out
 
 
+def tree(pid, parent=None):
+    return [pid] + children(pid, parent) if pid_alive(pid) else []
+
+
 def proc_name(pid):
     try:
         with open("/proc/%d/comm" % pid) as f:
             return f.read().strip()
     except OSError:
         return "?"
+
+
+def cpu_ticks(pids):
+    """utime + stime + cutime + cstime summed over pids. Over a whole
+    process tree this counts every CPU tick once: a live process's own
+    time, and a finished child's time in the cutime/cstime of the parent
+    that waited for it."""
+    t = 0
+    for pid in pids:
+        try:
+            f = _stat_fields(pid)
+            t += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+        except (OSError, IndexError, ValueError):
+            pass
+    return t
+
+
+def busy_seconds():
+    """CPU seconds the whole machine spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def self_seconds():
+    t = os.times()
+    return t.user + t.system
+
+
+def rss_kb(pids):
+    """Sum of resident pages (/proc/PID/statm) in kB: cheap, for sampling."""
+    n = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/statm" % pid) as f:
+                n += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return n * PAGE // 1024
 
 
 def memory_kb(pids):
@@ -136,10 +225,6 @@ def memory_kb(pids):
     return rss, pss
 
 
-def tree(pid):
-    return [pid] + children(pid) if pid_alive(pid) else []
-
-
 def raise_nofile():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = IDLE + 2000
@@ -157,14 +242,326 @@ def raise_nofile():
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def run(cmd, timeout=60, check=True):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise InstanceError("%s failed (%d): %s%s" % (" ".join(cmd), p.returncode,
+                                                      p.stdout, p.stderr))
+    return p.stdout + p.stderr
+
+
+class Sampler(threading.Thread):
+    """Samples the RSS sum of a server's process groups every
+    SAMPLE_INTERVAL seconds; keeps the peak (total and per group)."""
+
+    def __init__(self, groups_fn):
+        super().__init__(daemon=True)
+        self.groups_fn = groups_fn
+        self.stop_ev = threading.Event()
+        self.peak, self.peak_groups, self.samples = 0, {}, 0
+        self.peak_pss, self.peak_pss_groups = 0, {}
+
+    def run(self):
+        every = max(1, int(round(PSS_INTERVAL / SAMPLE_INTERVAL)))
+        while True:
+            try:
+                groups = self.groups_fn()
+                per = {g: rss_kb(p) for g, p in groups.items()}
+                total = sum(per.values())
+                if total > self.peak:
+                    self.peak, self.peak_groups = total, per
+                if self.samples % every == 0:
+                    per = {g: memory_kb(p)[1] for g, p in groups.items()}
+                    total = sum(per.values())
+                    if total > self.peak_pss:
+                        self.peak_pss, self.peak_pss_groups = total, per
+                self.samples += 1
+            except Exception:
+                pass
+            if self.stop_ev.wait(SAMPLE_INTERVAL):
+                return
+
+    def finish(self):
+        self.stop_ev.set()
+        self.join(10)
+
+
+# ---------------------------------------------------------------- the sink
+
+def open_sessions(port):
+    """ESTABLISHED TCP connections whose local port is port."""
+    n = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if (fields[3] == "01"
+                            and int(fields[1].rsplit(":", 1)[1], 16) == port):
+                        n += 1
+        except (OSError, StopIteration, IndexError, ValueError):
+            pass
+    return n
+
+
+def make_ca(d):
+    """A throwaway CA and a server certificate for localhost/127.0.0.1
+    signed by it, made with the openssl command. Returns (ca, cert, key)."""
+    os.makedirs(d, mode=0o755, exist_ok=True)
+    ca, ca_key = os.path.join(d, "ca.pem"), os.path.join(d, "ca.key")
+    cert, key = os.path.join(d, "sink.pem"), os.path.join(d, "sink.key")
+    csr, ext = os.path.join(d, "sink.csr"), os.path.join(d, "ext.cnf")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+         "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=sg bench throwaway CA"])
+    # ECDSA P-256: the sink side's handshakes cost little CPU on the
+    # cores the servers under test share with it
+    run(["openssl", "req", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key,
+         "-out", csr, "-subj", "/CN=localhost"])
+    run(["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key,
+         "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", ext])
+    for p in (ca, cert):
+        os.chmod(p, 0o644)
+    for p in (ca_key, key):
+        os.chmod(p, 0o600)
+    return ca, cert, key
+
+
+class Sink:
+    """smtp-sink -c on 127.0.0.1:port. A thread reads its running counters
+    ("sess=N quit=N mesg=N", one per event, ended by CR) and notes the time
+    at which the message count reached the target of the current run."""
+
+    def __init__(self, d):
+        self.dir = d
+        self.port = free_port()
+        self.proc = None
+        self.lock = threading.Lock()
+        self.mesg = self.sess = 0
+        self.changed = time.monotonic()
+        self.target, self.reached = None, None
+
+    def cmd(self):
+        return [SMTP_SINK, "-u", "nobody", "-c", "127.0.0.1:%d" % self.port,
+                str(SINK_BACKLOG)]
+
+    def start(self):
+        os.makedirs(self.dir, exist_ok=True)
+        self.stderr = open(os.path.join(self.dir, "smtp-sink.err"), "w")
+        self.proc = subprocess.Popen(self.cmd(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=self.stderr,
+                                     start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        if not wait_tcp("127.0.0.1", self.port, 10,
+                        lambda: self.proc.poll() is None):
+            raise InstanceError("smtp-sink does not answer on port %d" % self.port)
+
+    def _read(self):
+        buf = b""
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            now = time.monotonic()
+            buf += chunk
+            *done, buf = buf.split(b"\r")
+            for rec in reversed(done):
+                m = re.search(rb"sess=(\d+) quit=\d+ mesg=(\d+)", rec)
+                if m:
+                    with self.lock:
+                        sess, mesg = int(m.group(1)), int(m.group(2))
+                        if mesg != self.mesg:
+                            self.changed = now
+                        self.sess, self.mesg = sess, mesg
+                        if (self.target is not None and self.reached is None
+                                and mesg >= self.target):
+                            self.reached = now
+                    break
+
+    def counts(self):
+        with self.lock:
+            return self.mesg, self.sess, self.changed
+
+    def arm(self, target):
+        with self.lock:
+            self.target, self.reached = target, None
+
+    def stop(self):
+        if self.proc is not None:
+            stop_pid(self.proc.pid, signal.SIGTERM, 10, self.proc)
+            self.proc = None
+        if getattr(self, "stderr", None):
+            self.stderr.close()
+
+    def pids(self):
+        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+
+
+NGINX_FRONT_CONF = """\
+# generated by bench/bench.py: STARTTLS in front of smtp-sink
+load_module {mail_so};
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{
+    worker_connections 8192;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp;
+    proxy_temp_path {d}/tmp;
+    fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp;
+    scgi_temp_path {d}/tmp;
+    server {{
+        listen 127.0.0.1:{auth_port};
+        location = /auth {{
+            add_header Auth-Status OK;
+            add_header Auth-Server 127.0.0.1;
+            add_header Auth-Port {sink_port};
+            return 204;
+        }}
+    }}
+}}
+mail {{
+    auth_http 127.0.0.1:{auth_port}/auth;
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        protocol smtp;
+        server_name tls-front.bench;
+        smtp_auth none;
+        smtp_capabilities PIPELINING 8BITMIME ENHANCEDSTATUSCODES;
+        # a whole message (4 KB body and headers) in one read and one write
+        # to the sink; nginx's mail proxy sets no TCP_NODELAY (bench/nodelay.c
+        # does), the default 4k would split it
+        smtp_client_buffer 64k;
+        starttls only;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        xclient off;
+        proxy_pass_error_message on;
+    }}
+}}
+"""
+
+STUNNEL_CONF = """\
+; generated by bench/bench.py: STARTTLS in front of smtp-sink
+foreground = yes
+pid =
+output = {d}/stunnel.log
+debug = warning
+[smtp-sink]
+accept = 127.0.0.1:{port}
+connect = 127.0.0.1:{sink_port}
+protocol = smtp
+cert = {cert}
+key = {key}
+"""
+
+
+def build_nodelay(d):
+    """Compile bench/nodelay.c (TCP_NODELAY on every TCP socket, for
+    LD_PRELOAD) into d; None if that fails."""
+    so = os.path.join(d, "nodelay.so")
+    try:
+        run(["gcc", "-O2", "-shared", "-fPIC", "-o", so,
+             os.path.join(HERE, "nodelay.c"), "-ldl"])
+        return so
+    except (InstanceError, OSError) as e:
+        log("cannot build bench/nodelay.c (%s): the TLS front runs without"
+            " TCP_NODELAY" % e)
+        return None
+
+
+class TlsFront:
+    """A STARTTLS terminator on 127.0.0.1:port that passes the session on
+    to the sink in clear: nginx's mail proxy (`starttls only`, the sink as
+    the upstream named by a constant auth_http answer) or stunnel
+    (`protocol = smtp`)."""
+
+    def __init__(self, d, kind, sink, cert, key):
+        self.dir, self.kind, self.sink = d, kind, sink
+        self.cert, self.key = cert, key
+        self.port = free_port()
+        self.proc = None
+
+    def start(self):
+        os.makedirs(os.path.join(self.dir, "tmp"), exist_ok=True)
+        if self.kind == "nginx":
+            self.conf = os.path.join(self.dir, "nginx.conf")
+            with open(self.conf, "w") as f:
+                f.write(NGINX_FRONT_CONF.format(
+                    mail_so=sginstance.MAIL_MODULE_SO, d=self.dir,
+                    auth_port=free_port(), sink_port=self.sink.port,
+                    port=self.port, cert=self.cert, key=self.key))
+            self.cmdline = [NGINX_BIN, "-p", self.dir + "/", "-c", self.conf,
+                            "-e", os.path.join(self.dir, "error.log"),
+                            "-g", "daemon off;"]
+        elif self.kind == "stunnel":
+            self.conf = os.path.join(self.dir, "stunnel.conf")
+            with open(self.conf, "w") as f:
+                f.write(STUNNEL_CONF.format(d=self.dir, port=self.port,
+                                            sink_port=self.sink.port,
+                                            cert=self.cert, key=self.key))
+            self.cmdline = [STUNNEL, self.conf]
+        else:
+            raise InstanceError("BENCH_TLS_FRONT must be nginx or stunnel, not %r"
+                                % self.kind)
+        env = dict(os.environ)
+        self.shim = None
+        if self.kind == "nginx":
+            self.shim = build_nodelay(self.dir)
+            if self.shim:
+                env["LD_PRELOAD"] = self.shim
+        self.out = open(os.path.join(self.dir, "front.out"), "w")
+        self.proc = subprocess.Popen(self.cmdline, stdin=subprocess.DEVNULL,
+                                     stdout=self.out, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env)
+        if not wait_tcp("127.0.0.1", self.port, 15,
+                        lambda: self.proc.poll() is None):
+            raise InstanceError("the TLS front (%s) does not answer on port %d:\n%s"
+                                % (self.kind, self.port,
+                                   sginstance.tail(os.path.join(self.dir, "front.out"))))
+
+    def version(self):
+        if self.kind == "nginx":
+            return run([NGINX_BIN, "-v"]).strip().replace("nginx version: ", "")
+        out = run([STUNNEL, "-version"], check=False)
+        m = re.search(r"stunnel [\d.]+", out)
+        return m.group(0) if m else "stunnel"
+
+    def pids(self):
+        return tree(self.proc.pid) if self.proc else []
+
+    def stop(self):
+        if self.proc is not None:
+            stop_pid(self.proc.pid, signal.SIGQUIT if self.kind == "nginx"
+                     else signal.SIGTERM, 15, self.proc)
+            self.proc = None
+            self.out.close()
+
+
 # ---------------------------------------------------------------- sg
 
 class Sg:
     name = "sg"
 
-    def __init__(self, base):
+    def __init__(self, base, ca_file):
         self.base = base
+        self.ca_file = ca_file
         self.pg = self.redis = self.nginx = None
+        self.notes = []
+        self.config_log = []
 
     def start(self):
         b = self.base
@@ -180,6 +577,7 @@ class Sg:
             cur.execute("SHOW synchronous_commit")
             self.sync_commit = cur.fetchone()[0]
         conn.close()
+        self.token = sginstance.create_token(self.pg.conninfo, "bench")
         self.redis = Redis(os.path.join(b, "redis"))
         self.redis.start()
 
@@ -196,18 +594,20 @@ class Sg:
         ports = set()
         while len(ports) < 4:
             ports.add(free_port())
-        self.port, admin, http, dns = sorted(ports)
+        self.port, self.admin_port, http, dns = sorted(ports)
         self.conf = os.path.join(d, "nginx.conf")
         # sg_resolver on a loopback port where nothing answers: nothing in
-        # this benchmark may send DNS queries off the machine.
+        # this benchmark may send DNS queries off the machine (the routes
+        # name IP addresses, no DNS is needed).
         sginstance.write_nginx_conf(
             self.conf, prefix_dir=d, module_so=MODULE_SO,
             pg_conninfo=self.pg.conninfo, redis_addr=self.redis.address,
             smtp_listen="127.0.0.1:%d" % self.port,
-            admin_listen="127.0.0.1:%d" % admin,
+            admin_listen="127.0.0.1:%d" % self.admin_port,
             http_listen="127.0.0.1:%d" % http,
             cert_file=cert_file, key_file=key_file, workers=NGINX_WORKERS,
             resolver="127.0.0.1:%d" % dns, hostname="sg.bench",
+            ca_file=self.ca_file,
             extra_main="worker_rlimit_nofile %d;" % NGINX_RLIMIT_NOFILE,
             error_log_level="notice")
         # write_nginx_conf fixes worker_connections at 1024
@@ -223,17 +623,138 @@ class Sg:
         self.nginx = Nginx(d, self.conf, wait_port=self.port)
         self.nginx.start()
 
-    def queued(self):
+    # -- admin API (falls back to SQL where an endpoint does not exist yet)
+
+    def api(self, method, path, body=None):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            "https://127.0.0.1:%d/api/v1%s" % (self.admin_port, path),
+            data=data, method=method,
+            headers={"Authorization": "Bearer " + self.token,
+                     "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=15) as r:
+                raw = r.read()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            raw, status = e.read(), e.code
+        try:
+            doc = json.loads(raw) if raw else None
+        except ValueError:
+            doc = raw.decode(errors="replace")
+        if method != "GET":
+            self.config_log.append("%s /api/v1%s%s → %d" % (
+                method, path, (" " + json.dumps(body)) if body is not None else "",
+                status))
+        return status, doc
+
+    def sql(self, statement, args=()):
         conn = self.pg.connect()
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT count(*) FROM messages")
-                return cur.fetchone()[0]
+                cur.execute(statement, args)
+                return cur.fetchall() if cur.description else None
         finally:
             conn.close()
 
-    def settle(self, before, sent):
-        return self.queued() - before
+    def configure(self, mode, sink_port, tls_port):
+        """Plaintext: default route * to the sink. TLS: STARTTLS outbound
+        on, 127.0.0.1 on the STARTTLS required list, route * to the TLS
+        front."""
+        relay = "127.0.0.1:%d" % (sink_port if mode == "plaintext" else tls_port)
+        if mode == "TLS":
+            st, doc = self.api("PATCH", "/settings", {"starttls_outbound": True})
+            if st != 200:
+                raise InstanceError("PATCH /api/v1/settings: %d %s" % (st, doc))
+            st, doc = self.api("POST", "/starttls/required",
+                               {"value": "127.0.0.1", "comment": "bench"})
+            if st in (404, 405):
+                self.sql_fallback("INSERT INTO starttls_required (value, kind, comment)"
+                                  " VALUES ('127.0.0.1', 'ip', 'bench')"
+                                  " ON CONFLICT (value) DO NOTHING")
+                self.note_fallback("POST /api/v1/starttls/required")
+            elif st not in (200, 201, 409):
+                raise InstanceError("POST /api/v1/starttls/required: %d %s" % (st, doc))
+        st, doc = self.api("GET", "/routes")
+        if st in (404, 405):
+            self.sql_fallback("INSERT INTO routes (domain, relay, comment)"
+                              " VALUES ('*', '%s', 'bench') ON CONFLICT (domain)"
+                              " DO UPDATE SET relay = EXCLUDED.relay,"
+                              " updated_at = now()" % relay)
+            self.note_fallback("/api/v1/routes")
+        else:
+            if st != 200:
+                raise InstanceError("GET /api/v1/routes: %d %s" % (st, doc))
+            old = [i for i in (doc or {}).get("items", []) if i.get("domain") == "*"]
+            if old:
+                path = "/routes/%s" % old[0]["id"]
+                st, doc = self.api("PATCH", path, {"relay": relay})
+            else:
+                path = "/routes"
+                st, doc = self.api("POST", path, {"domain": "*", "relay": relay})
+            if st not in (200, 201):
+                raise InstanceError("%s /api/v1%s: %d %s" % (
+                    "PATCH" if old else "POST", path, st, doc))
+        log("sg: %s: route * -> %s" % (mode, relay))
+
+    def sql_fallback(self, statement):
+        """What the API would have done, written directly (endpoint not
+        in this build yet); the workers see it through the same NOTIFY."""
+        self.sql(statement)
+        self.config_log.append("  (SQL instead) " + statement)
+
+    def note_fallback(self, what):
+        n = ("%s is not in this build of the admin API: the benchmark wrote"
+             " the same rows with SQL" % what)
+        if n not in self.notes:
+            self.notes.append(n)
+
+    # -- queue
+
+    def pending(self):
+        return self.sql("SELECT count(*) FROM recipients WHERE state IN"
+                        " ('queued', 'delivering', 'deferred')")[0][0]
+
+    def purge(self):
+        self.sql("DELETE FROM messages")
+
+    def restart(self, purge=False):
+        self.nginx.stop()
+        if purge:
+            self.purge()
+        self.nginx.start()
+        time.sleep(1)       # workers connect to PostgreSQL and Redis
+
+    def diagnose(self):
+        try:
+            states = self.sql("SELECT state, count(*) FROM recipients"
+                              " GROUP BY state ORDER BY 2 DESC")
+            att = self.sql("SELECT count(*) FROM delivery_attempts")[0][0]
+            last = self.sql("SELECT result, coalesce(reply, '') FROM"
+                            " delivery_attempts ORDER BY id DESC LIMIT 1")
+            s = "recipients: %s; %d delivery attempts recorded" % (
+                ", ".join("%s %d" % r for r in states) or "none", att)
+            if last:
+                s += ", the last: %s, `%s`" % (last[0][0], last[0][1][:120])
+            return s
+        except Exception as e:
+            return "(%s)" % e
+
+    # -- processes
+
+    def groups(self):
+        parent = _parents()
+        g = {}
+        if self.nginx:
+            g["nginx"] = tree(self.nginx.pid, parent)
+        if self.pg:
+            g["PostgreSQL"] = tree(self.pg.pid, parent)
+        if self.redis:
+            g["Redis"] = tree(self.redis.pid, parent)
+        return g
 
     def pids(self):
         return tree(self.nginx.pid) if self.nginx else []
@@ -247,7 +768,7 @@ class Sg:
         try:
             with open(self.nginx.error_log, errors="replace") as f:
                 return [l.rstrip("\n") for l in f if "[error]" in l]
-        except OSError:
+        except (OSError, AttributeError):
             return []
 
     def stop(self):
@@ -291,7 +812,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
 POSTFIX_MAIN_CF = """\
 # generated by bench/bench.py: a private instance that accepts mail from
-# 127.0.0.0/8 and discards it after queueing (nothing leaves the machine)
+# 127.0.0.0/8 and relays all of it to relayhost (the sink on loopback)
 compatibility_level = 3.6
 myhostname = postfix.bench
 mydomain = bench
@@ -306,8 +827,7 @@ meta_directory = /etc/postfix
 maillog_file = {maillog}
 maillog_file_prefixes = {dir}
 syslog_name = postfix-bench
-default_transport = discard:bench
-relay_transport = discard:bench
+relayhost = [127.0.0.1]:{sink_port}
 local_transport = error:local delivery is disabled
 alias_maps =
 alias_database =
@@ -320,14 +840,17 @@ smtpd_banner = $myhostname ESMTP
 class PostfixInstance:
     name = "Postfix"
 
-    def __init__(self, base):
+    def __init__(self, base, sink_port, tls_port):
         self.dir = os.path.join(base, "postfix")
         self.etc = os.path.join(self.dir, "etc")
         self.queue = os.path.join(self.dir, "queue")
         self.data = os.path.join(self.dir, "data")
         self.maillog = os.path.join(self.dir, "maillog")
+        self.sink_port, self.tls_port = sink_port, tls_port
         self.started = False
         self.master_pid = None
+        self.notes = []
+        self.config_log = []
 
     def _postfix(self, *args, timeout=120):
         cmd = [POSTFIX, "-c", self.etc] + list(args)
@@ -347,6 +870,10 @@ class PostfixInstance:
                            capture_output=True, text=True, timeout=30)
         return p.stdout.strip()
 
+    def postconf_set(self, *settings):
+        run(["postconf", "-c", self.etc, "-e"] + list(settings))
+        self.config_log.append("postconf -e " + " ".join("'%s'" % s for s in settings))
+
     def start(self):
         self.port = free_port()
         os.makedirs(self.etc)
@@ -356,11 +883,15 @@ class PostfixInstance:
         os.chown(self.data, pw.pw_uid, pw.pw_gid)
         with open(os.path.join(self.etc, "main.cf"), "w") as f:
             f.write(POSTFIX_MAIN_CF.format(queue=self.queue, data=self.data,
-                                           maillog=self.maillog,
-                                           dir=self.dir))
+                                           maillog=self.maillog, dir=self.dir,
+                                           sink_port=self.sink_port))
         with open(os.path.join(self.etc, "master.cf"), "w") as f:
             f.write(POSTFIX_MASTER_CF.format(port=self.port))
         self._postfix("check")
+        self.start_master()
+        self.fsync = "on (Postfix always fsyncs queue files)"
+
+    def start_master(self):
         self.started = True
         self._postfix("start")
         deadline = time.monotonic() + 30
@@ -374,7 +905,17 @@ class PostfixInstance:
                         lambda: pid_alive(self.master_pid)):
             raise InstanceError("Postfix does not answer on port %d; maillog:\n%s"
                                 % (self.port, sginstance.tail(self.maillog)))
-        self.fsync = "on (Postfix always fsyncs queue files)"
+
+    def configure(self, mode, sink_port, tls_port):
+        if mode == "plaintext":
+            self.postconf_set("relayhost = [127.0.0.1]:%d" % sink_port,
+                              "smtp_tls_security_level =")
+        else:
+            self.postconf_set("relayhost = [127.0.0.1]:%d" % tls_port,
+                              "smtp_tls_security_level = encrypt")
+        log("Postfix: %s: relayhost %s, smtp_tls_security_level %r"
+            % (mode, self.postconf("-h", "relayhost"),
+               self.postconf("-h", "smtp_tls_security_level")))
 
     def _maillog(self):
         try:
@@ -383,39 +924,33 @@ class PostfixInstance:
         except OSError:
             return ""
 
-    def queued(self):
-        """Messages that entered Postfix's queue: qmgr '(queue active)'
-        lines with our sender (one per message)."""
-        return len(re.findall(r"qmgr\[\d+\]: \w+: from=<from@example\.com>,"
-                              r" size=\d+, nrcpt=\d+ \(queue active\)",
-                              self._maillog()))
-
-    def delivered(self):
-        return len(re.findall(r"discard\[\d+\]: .*status=sent", self._maillog()))
-
-    def queue_files(self):
+    def pending(self):
         n = 0
         for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
             for _root, _dirs, files in os.walk(os.path.join(self.queue, sub)):
                 n += len(files)
         return n
 
-    def settle(self, before, sent):
-        """Wait until the queue is empty (everything discarded) and the
-        log has caught up; return messages queued since `before`."""
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        last, stable = -1, 0
-        while time.monotonic() < deadline:
-            n = self.queued()
-            if self.queue_files() == 0 and n == last:
-                stable += 1
-                if stable >= 3:
-                    break
-            else:
-                stable = 0
-            last = n
-            time.sleep(0.5)
-        return self.queued() - before
+    def purge(self):
+        run([POSTSUPER, "-c", self.etc, "-d", "ALL"], check=False)
+
+    def restart(self, purge=False):
+        self.stop()
+        if purge:
+            self.purge()
+        self.start_master()
+        time.sleep(1)
+
+    def diagnose(self):
+        lines = [l for l in self._maillog().splitlines()
+                 if "status=deferred" in l or "status=bounced" in l]
+        s = "%d queue files left" % self.pending()
+        if lines:
+            s += "; the last deferral: `%s`" % re.sub(r"^.*?: ", "", lines[-1])[:160]
+        return s
+
+    def groups(self):
+        return {"Postfix": tree(self.master_pid) if self.master_pid else []}
 
     def pids(self):
         return tree(self.master_pid) if self.master_pid else []
@@ -446,32 +981,136 @@ class PostfixInstance:
         for p in procs:
             if pid_alive(p):
                 stop_pid(p, signal.SIGKILL, 5)
+        self.started = False
+        self.master_pid = None
 
 
-# ---------------------------------------------------------------- load
+# ---------------------------------------------------------------- end to end
 
-def run_smtp_source(server, sessions):
+def drain(server, timeout, idle=5):
+    """Wait until the server's queue is empty, at most timeout seconds and
+    at most idle seconds without progress; returns what is left."""
+    now = time.monotonic()
+    deadline, last, since = now + timeout, None, now
+    while True:
+        n = server.pending()
+        now = time.monotonic()
+        if n == 0 or now >= deadline:
+            return n
+        if last is None or n < last:
+            last, since = n, now
+        elif now - since > idle:
+            return n
+        time.sleep(0.2)
+
+
+def run_e2e(server, sessions, mode, sink, front):
     cmd = smtp_source_cmd(sessions, server.port)
-    before = server.queued()
-    log("%s: %s" % (server.name, cmd_text(cmd)))
+    res = {"cmd": cmd_text(cmd), "mode": mode, "sessions": sessions,
+           "ok": False}
+    left = drain(server, DRAIN_TIMEOUT)
+    if left:
+        res["purged"] = left
+        log("%s: %d recipients still queued from before: purged" % (server.name, left))
+    # every run starts from freshly started server processes (sg: nginx;
+    # Postfix: the master and its children), so that processes left over
+    # from an earlier run count neither in its memory nor its CPU
+    server.restart(purge=bool(left))
+    groups = server.groups()
+    cpu0 = {g: cpu_ticks(p) for g, p in groups.items()}
+    infra0 = cpu_ticks(sink.pids() + (front.pids() if mode == "TLS" else []))
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0, self0 = busy_seconds(), self_seconds()
+    m0, s0, _ = sink.counts()
+    sink.arm(m0 + MESSAGES)
+    sampler = Sampler(server.groups)
+    sampler.start()
+    log("%s %s: %s" % (server.name, mode, res["cmd"]))
     t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True,
-                           timeout=RUN_TIMEOUT)
-        rc, out = p.returncode, (p.stdout + p.stderr)
-    except subprocess.TimeoutExpired as e:
-        rc, out = "timeout", ((e.stdout or b"") + (e.stderr or b"")).decode(
-            errors="replace") if isinstance(e.stdout, bytes) else str(e)
-    wall = time.monotonic() - t0
-    queued = server.settle(before, MESSAGES)
-    rate = MESSAGES / wall if wall > 0 else 0.0
-    errors = [l for l in out.splitlines() if l.strip()]
-    log("%s -s %d: %.2f s, %.0f msg/s, %d queued, exit %s%s"
-        % (server.name, sessions, wall, rate, queued, rc,
-           ("; smtp-source said:\n  " + "\n  ".join(errors[:10])) if errors else ""))
-    return {"wall": wall, "rate": rate, "queued": queued, "rc": rc,
-            "output": errors, "cmd": cmd_text(cmd)}
+        out, _ = p.communicate(timeout=RUN_TIMEOUT)
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        stop_pid(p.pid, signal.SIGKILL, 5, p)
+        out, rc = "", "timeout"
+    t_src = time.monotonic()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    # wait for the sink: give up after E2E_STALL s without a new message
+    # (counted from the end of smtp-source at the earliest) or E2E_TIMEOUT
+    while True:
+        with sink.lock:
+            reached = sink.reached
+        if reached is not None:
+            break
+        mesg, _, changed = sink.counts()
+        now = time.monotonic()
+        if now - max(changed, t_src) > E2E_STALL or now - t0 > E2E_TIMEOUT:
+            break
+        time.sleep(0.05)
+    if reached is not None:
+        # count the work after the last 250 of the sink too: the server
+        # marks the message delivered and removes it from its queue
+        drain(server, SETTLE_TIMEOUT)
+    t_done = time.monotonic()
+    groups = server.groups()
+    cpu1 = {g: cpu_ticks(p) for g, p in groups.items()}
+    infra1 = cpu_ticks(sink.pids() + (front.pids() if mode == "TLS" else []))
+    busy1, self1 = busy_seconds(), self_seconds()
+    sampler.finish()
+    rss_end, pss_end = memory_kb([q for g in groups.values() for q in g])
+    m1, s1, _ = sink.counts()
+    open_now = open_sessions(sink.port)
+    delivered = m1 - m0
+    cpu = {g: (cpu1[g] - cpu0.get(g, 0)) / CLK_TCK for g in cpu1}
+    res.update({
+        "rc": rc, "output": [l for l in (out or "").splitlines() if l.strip()],
+        "accept_wall": t_src - t0, "accept_rate": MESSAGES / (t_src - t0),
+        "delivered": delivered, "sessions_at_sink": s1 - s0 + open_now,
+        "cpu": cpu, "cpu_total": sum(cpu.values()),
+        "infra_cpu": (infra1 - infra0) / CLK_TCK,
+        "client_cpu": client_cpu, "harness_cpu": self1 - self0,
+        "busy": busy1 - busy0,
+        "peak_rss": sampler.peak, "peak_groups": sampler.peak_groups,
+        "peak_pss": sampler.peak_pss, "peak_pss_groups": sampler.peak_pss_groups,
+        "samples": sampler.samples, "rss_end": rss_end, "pss_end": pss_end,
+        "span": t_done - t0,
+    })
+    # whatever else ran on the machine meanwhile (other jobs disturb the
+    # numbers): all busy CPU time minus what this run's processes used
+    res["other_cpu"] = max(0.0, res["busy"] - res["cpu_total"] - res["infra_cpu"]
+                           - client_cpu - res["harness_cpu"])
+    res["ncpu"] = os.cpu_count() or 1
+    if reached is not None and rc == 0:
+        res["ok"] = True
+        res["wall"] = reached - t0
+        res["rate"] = MESSAGES / res["wall"]
+        log("%s %s -s %d: %d messages at the sink in %.2f s: %.0f msg/s end to"
+            " end (smtp-source done after %.2f s); CPU %.2f s (%s); peak RSS %.1f MB"
+            " (%s), PSS %.1f MB (%s); %d sessions at the sink"
+            % (server.name, mode, sessions, MESSAGES, res["wall"], res["rate"],
+               res["accept_wall"], res["cpu_total"],
+               ", ".join("%s %.2f" % kv for kv in cpu.items()),
+               sampler.peak / 1024.0,
+               ", ".join("%s %.1f" % (g, v / 1024.0) for g, v in sampler.peak_groups.items()),
+               sampler.peak_pss / 1024.0,
+               ", ".join("%s %.1f" % (g, v / 1024.0) for g, v in sampler.peak_pss_groups.items()),
+               res["sessions_at_sink"]))
+    else:
+        res["why"] = ("smtp-source exited %s" % rc if rc != 0 else
+                      "did not deliver within %d s" % E2E_STALL)
+        res["diagnosis"] = server.diagnose()
+        log("%s %s -s %d: FAILED: %s (%d of %d at the sink after %.0f s); %s"
+            % (server.name, mode, sessions, res["why"], delivered, MESSAGES,
+               t_done - t0, res["diagnosis"]))
+    if res["output"]:
+        log("smtp-source said:\n  " + "\n  ".join(res["output"][:10]))
+    return res
 
+
+# ---------------------------------------------------------------- idle
 
 async def _idle(port, n, connect_timeout, greeting_timeout, bound):
     conns = []
@@ -537,7 +1176,6 @@ def idle_sessions(server):
         procs = {}
         for p in pids:
             procs[proc_name(p)] = procs.get(proc_name(p), 0) + 1
-        alive = server_alive(server)
     finally:
         for w in conns:
             try:
@@ -547,7 +1185,7 @@ def idle_sessions(server):
         loop.run_until_complete(asyncio.sleep(0.2))
         loop.close()
     res = dict(counts, rss_before=rss0, rss_after=rss1, pss_before=pss0,
-               pss_after=pss1, procs=procs, alive=alive)
+               pss_after=pss1, procs=procs)
     g = max(counts["greeted"], 1)
     res["kb_per_session"] = (rss1 - rss0) / g
     res["pss_kb_per_session"] = (pss1 - pss0) / g
@@ -558,15 +1196,6 @@ def idle_sessions(server):
                           rss1 / 1024, res["kb_per_session"], pss0 / 1024,
                           pss1 / 1024, procs))
     return res
-
-
-def server_alive(server):
-    try:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
-            s.settimeout(5)
-            return s.recv(512).startswith(b"220")
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------- report
@@ -580,18 +1209,21 @@ def sh(cmd):
         return "(%s)" % e
 
 
-def machine_facts():
+def machine_facts(front_version):
     mem = sh("awk '/MemTotal/ {printf \"%.1f GiB\", $2/1048576}' /proc/meminfo")
     cpu = sh("awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo")
     return [
-        ("CPU", "%s × %s" % (sh("nproc"), cpu or "?")),
+        ("CPU", "%s × %s (nproc %s)" % (sh("grep -c ^processor /proc/cpuinfo"),
+                                       cpu or "?", sh("nproc"))),
         ("memory", mem),
         ("kernel", platform.release()),
         ("OS", sh(". /etc/os-release && echo \"$PRETTY_NAME\"")),
         ("nginx", sh("nginx -v 2>&1").replace("nginx version: ", "")),
         ("PostgreSQL", sh("/usr/lib/postgresql/15/bin/postgres --version")),
         ("Redis", sh("redis-server --version | awk '{print $3}'")),
-        ("Postfix", sh("postconf -d -h mail_version")),
+        ("Postfix (and its smtp-source, smtp-sink)", sh("postconf -d -h mail_version")),
+        ("TLS front of the sink", front_version),
+        ("OpenSSL", sh("openssl version")),
         ("sg", ("module %s (BENCH_MODULE_SO; not built from this tree)"
                 % MODULE_SO) if os.environ.get("BENCH_MODULE_SO") else
          "%s, built by make into build/ngx_sg_module.so" % sh(
@@ -604,142 +1236,277 @@ def fmt_mb(kb):
     return "%.1f MB" % (kb / 1024.0)
 
 
-def rate_cell(r):
+def e2e_cell(r, name):
     if not r:
         return "–"
-    if r["rc"] != 0:
-        return ("**failed**: smtp-source gave up after %.1f s (exit %s)"
-                % (r["wall"], r["rc"]))
+    if r.get("skipped"):
+        return "not run: %s" % r["skipped"]
+    if not r["ok"]:
+        return "**%s: %s** (%d of %d at the sink)" % (
+            name, r["why"], r["delivered"], MESSAGES)
     return "%.0f (%.1f s)" % (r["rate"], r["wall"])
 
 
-def table(results):
-    sgr, pfr = results["sg"], results["Postfix"]
-    rows = ["| | sg | Postfix |", "|---|---:|---:|"]
-    for s in SESSIONS:
-        a, b = sgr["load"].get(s), pfr["load"].get(s)
-        rows.append("| msg/s, `smtp-source -s %d` | %s | %s |" % (
-            s, rate_cell(a), rate_cell(b)))
-        rows.append("| messages queued of %d, `-s %d` | %s | %s |" % (
-            MESSAGES, s, a["queued"] if a else "–", b["queued"] if b else "–"))
-    a, b = sgr.get("idle"), pfr.get("idle")
+def cpu_cell(r):
+    if not r or not r.get("ok"):
+        return "–"
+    per = 1000.0 / MESSAGES
+    s = "%.2f" % (r["cpu_total"] * per)
+    if len(r["cpu"]) > 1:
+        s += " (%s)" % ", ".join("%s %.2f" % (g, v * per)
+                                 for g, v in r["cpu"].items())
+    return s
 
-    def idle_cell(r, f):
-        return f(r) if r else "–"
-    rows.append("| idle sessions greeted of %d | %s | %s |" % (
-        IDLE, idle_cell(a, lambda r: "%d" % r["greeted"]),
-        idle_cell(b, lambda r: "%d (TCP connected: %d)" % (r["greeted"], r["connected"]))))
-    rows.append("| RSS of all server processes, before → with idle sessions | %s | %s |" % (
-        idle_cell(a, lambda r: "%s → %s" % (fmt_mb(r["rss_before"]), fmt_mb(r["rss_after"]))),
-        idle_cell(b, lambda r: "%s → %s" % (fmt_mb(r["rss_before"]), fmt_mb(r["rss_after"])))))
-    rows.append("| PSS (shared pages split), before → with idle sessions | %s | %s |" % (
-        idle_cell(a, lambda r: "%s → %s" % (fmt_mb(r["pss_before"]), fmt_mb(r["pss_after"]))),
-        idle_cell(b, lambda r: "%s → %s" % (fmt_mb(r["pss_before"]), fmt_mb(r["pss_after"])))))
-    rows.append("| RSS growth per greeted session | %s | %s |" % (
-        idle_cell(a, lambda r: "%.1f KB" % r["kb_per_session"]),
-        idle_cell(b, lambda r: "%.1f KB" % r["kb_per_session"])))
-    rows.append("| PSS growth per greeted session | %s | %s |" % (
-        idle_cell(a, lambda r: "%.1f KB" % r["pss_kb_per_session"]),
-        idle_cell(b, lambda r: "%.1f KB" % r["pss_kb_per_session"])))
+
+def rss_cell(r, key="peak_rss", gkey="peak_groups"):
+    if not r or not r.get("ok"):
+        return "–"
+    s = fmt_mb(r[key])
+    if len(r[gkey]) > 1:
+        s += " (%s)" % ", ".join("%s %s" % (g, fmt_mb(v))
+                                 for g, v in r[gkey].items())
+    return s
+
+
+def accept_cell(r):
+    if not r or r.get("skipped"):
+        return "–"
+    if r["rc"] != 0:
+        return "smtp-source exited %s" % r["rc"]
+    return "%.0f (%.1f s)" % (r["accept_rate"], r["accept_wall"])
+
+
+def e2e_table(results):
+    sgr, pfr = results["sg"]["e2e"], results["Postfix"]["e2e"]
+    rows = ["| outbound leg, `-s` | | sg | Postfix | sg ÷ Postfix |",
+            "|---|---|---:|---:|---:|"]
+    for mode in MODES:
+        for s in SESSIONS:
+            a, b = sgr.get((mode, s)), pfr.get((mode, s))
+            ratio = ("%.2f×" % (a["rate"] / b["rate"])
+                     if a and b and a.get("ok") and b.get("ok") else "–")
+            label = "%s, `-s %d`" % (mode, s)
+            rows.append("| %s | **msg/s end to end** | %s | %s | %s |" % (
+                label, e2e_cell(a, "sg"), e2e_cell(b, "Postfix"), ratio))
+            rows.append("| | CPU s per 1000 messages | %s | %s | |" % (
+                cpu_cell(a), cpu_cell(b)))
+            rows.append("| | peak memory, RSS sum | %s | %s | |" % (
+                rss_cell(a), rss_cell(b)))
+            rows.append("| | peak memory, PSS sum | %s | %s | |" % (
+                rss_cell(a, "peak_pss", "peak_pss_groups"),
+                rss_cell(b, "peak_pss", "peak_pss_groups")))
+            rows.append("| | msg/s accepted (smtp-source done) | %s | %s | |" % (
+                accept_cell(a), accept_cell(b)))
+            rows.append("| | SMTP sessions opened to the sink | %s | %s | |" % (
+                a["sessions_at_sink"] if a and a.get("ok") else "–",
+                b["sessions_at_sink"] if b and b.get("ok") else "–"))
     return "\n".join(rows)
 
 
-def write_doc(results, facts, started, problems_text):
-    sgr, pfr = results["sg"], results["Postfix"]
+def idle_table(results):
+    a, b = results["sg"].get("idle"), results["Postfix"].get("idle")
+
+    def c(r, f):
+        return f(r) if r else "–"
+    rows = ["| | sg | Postfix |", "|---|---:|---:|"]
+    rows.append("| idle sessions greeted of %d | %s | %s |" % (
+        IDLE, c(a, lambda r: "%d" % r["greeted"]),
+        c(b, lambda r: "%d (TCP connected: %d)" % (r["greeted"], r["connected"]))))
+    for label, k0, k1 in (("RSS of all server processes, before → with idle sessions",
+                           "rss_before", "rss_after"),
+                          ("PSS (shared pages split), before → with idle sessions",
+                           "pss_before", "pss_after")):
+        rows.append("| %s | %s | %s |" % (
+            label, c(a, lambda r: "%s → %s" % (fmt_mb(r[k0]), fmt_mb(r[k1]))),
+            c(b, lambda r: "%s → %s" % (fmt_mb(r[k0]), fmt_mb(r[k1])))))
+    rows.append("| RSS growth per greeted session | %s | %s |" % (
+        c(a, lambda r: "%.1f KB" % r["kb_per_session"]),
+        c(b, lambda r: "%.1f KB" % r["kb_per_session"])))
+    rows.append("| PSS growth per greeted session | %s | %s |" % (
+        c(a, lambda r: "%.1f KB" % r["pss_kb_per_session"]),
+        c(b, lambda r: "%.1f KB" % r["pss_kb_per_session"])))
+    return "\n".join(rows)
+
+
+FRONT_TEXT = {
+    "nginx": """\
+  an nginx mail proxy (a separate nginx, `worker_processes 1`, only
+  Debian's mail module loaded, not sg's), `protocol smtp; smtp_auth none;
+  starttls only; xclient off; smtp_capabilities 8BITMIME
+  ENHANCEDSTATUSCODES;` on 127.0.0.1:TLSPORT, whose `auth_http` is
+  answered by the same nginx with a constant `Auth-Status: OK`,
+  `Auth-Server: 127.0.0.1`, `Auth-Port: SINKPORT`. It answers EHLO and
+  STARTTLS itself, reads MAIL FROM and RCPT TO in TLS, connects to the
+  sink, replays EHLO, MAIL FROM and RCPT TO there, then passes the
+  session through; `smtp_client_buffer 64k` so that a message reaches
+  the sink in one write. nginx's mail proxy sets no TCP_NODELAY; it runs
+  with `LD_PRELOAD=bench/nodelay.c` (compiled by the benchmark), which
+  sets TCP_NODELAY on every TCP socket it opens or accepts: without it
+  its replies to a pipelined MAIL/RCPT/DATA group, and a message split
+  over two writes to the sink, wait for the peer's delayed ACK, 40 ms
+  per message (measured), a stall of the rig that no real MX has.
+  (`BENCH_TLS_FRONT=stunnel` uses `stunnel4` with
+  `protocol = smtp` instead; see the notes for why it is not the
+  default.)""",
+    "stunnel": """\
+  stunnel with `protocol = smtp` (server mode) on 127.0.0.1:TLSPORT,
+  `connect = 127.0.0.1:SINKPORT`. NB: in SMTP server mode stunnel waits
+  200 ms on every new connection to tell STARTTLS from TLS-on-connect
+  (src/protocol.c, `smtp_server`: `s_poll_wait(..., 0, 200)`), before it
+  sends the greeting: every outbound TLS connection costs 200 ms of
+  latency that no MTA has in front of a real MX.""",
+}
+
+
+def write_doc(results, facts, started, problems_text, ctx):
+    sgr = results["sg"]
     cmds = []
     for name in ("sg", "Postfix"):
-        for s in SESSIONS:
-            r = results[name]["load"].get(s)
-            if r:
+        seen = set()
+        for (mode, s), r in sorted(results[name]["e2e"].items(), key=lambda kv: (MODES.index(kv[0][0]), kv[0][1])):
+            if r and r.get("cmd") and r["cmd"] not in seen:
+                seen.add(r["cmd"])
                 cmds.append("%-8s %s" % (name + ":", r["cmd"]))
-    pf = results.get("postfix_conf", "")
     doc = """\
 # Benchmarks
 
-Written by `make bench` (bench/bench.py) on {date}. Re-run it to refresh
-this page; numbers from another machine are not comparable.
+Written by `make bench` (bench/bench.py) on {date}, in {minutes:.1f}
+minutes. Re-run it to refresh this page; numbers from another machine are
+not comparable.
 
 ## Machine
 
 {facts}
 
-## Results
+## End to end: `smtp-source → server → smtp-sink`
 
-{table}
+{e2e}
+
+msg/s end to end = {m} / (time from starting smtp-source until smtp-sink
+has counted the {m}th message). CPU and memory are those of the server
+under test only (see below); smtp-source, smtp-sink and the TLS front run
+on the same {ncpu} cores.
+
+## Idle sessions
+
+{idle_table}
 
 ## How it was measured
 
 One run of `bench/bench.py` starts, in a temporary folder in /tmp and on
-free loopback ports, a private sg instance and a private Postfix instance,
-runs the same load against both, and stops and removes everything.
+free loopback ports, a private sg instance, a private Postfix instance,
+one smtp-sink and one TLS front for it, runs the same load through both
+servers, and stops (by pid) and removes everything.
 
+* **The sink**: `{sink_cmd}` (`-c`: running counters on stdout,
+  `sess=N quit=N mesg=N`, read by the benchmark; the time of the {m}th
+  message ends a run). For TLS on the outbound leg, in front of it:
+{front}
+  Its certificate (ECDSA P-256, CN localhost, SAN localhost and
+  127.0.0.1) comes from a throwaway CA made with `openssl req`/`openssl
+  x509` for the run.
 * **sg**: PostgreSQL 15 with its defaults (`fsync = {pg_fsync}`,
   `synchronous_commit = {pg_sync}`), Redis, nginx with `worker_processes
-  {workers}`, `worker_connections {wc}`, `worker_rlimit_nofile {rl}`, the
-  generated configuration of `tools/sginstance.py` otherwise (sg's
-  defaults: `sg_postgres_pool 2` connections per worker, no
-  `sg_smtp_greeting_delay`, TLS off). `relay_networks` holds
-  `127.0.0.0/8`. sg answers 250 only after the message and its recipients
-  are committed to PostgreSQL.
+  {workers}`, `worker_connections {wc}`, `worker_rlimit_nofile {rl}`,
+  `sg_trusted_ca` = the throwaway CA, the generated configuration of
+  `tools/sginstance.py` otherwise (sg's defaults: `sg_postgres_pool 2`
+  connections per worker, no `sg_smtp_greeting_delay`, inbound TLS off).
+  `relay_networks` holds `127.0.0.0/8`. Configured through the admin API:
+
+  ```
+{sg_conf}
+  ```
+
+  sg answers 250 only after the message and its recipients are committed
+  to PostgreSQL.
 * **Postfix {pfver}**: its own config, queue and data folders, started
   with `postfix -c DIR start`; `127.0.0.1:PORT inet n - n - - smtpd` in
   master.cf (no chroot), `compatibility_level = 3.6`, `mynetworks =
-  127.0.0.0/8`, `mydestination =` (empty), `default_transport =
-  relay_transport = discard`, `maillog_file` in the instance folder.
-  Postfix's default limits are kept: {pflimits}. Postfix fsyncs every queue
-  file before it answers 250.
-* **Load**, against each server in turn (sg then Postfix, for each `-s`):
+  127.0.0.0/8`, `mydestination =` (empty), `maillog_file` in the instance
+  folder, and for the two outbound legs:
+
+  ```
+{pf_conf}
+  ```
+
+  Nothing else is tuned; Postfix's defaults: {pflimits}. Postfix fsyncs
+  every queue file before it answers 250. `smtp_tls_security_level =
+  encrypt` is mandatory TLS without certificate verification, as sg's
+  STARTTLS required list.
+* **Load**, for each outbound leg (plaintext, then TLS) and each `-s`,
+  first against sg, then against Postfix:
 
   ```
 {cmds}
   ```
 
   smtp-source opens one SMTP session per message; each message is 4096
-  bytes of body. msg/s = {m} / wall time of the smtp-source process
-  (`time.monotonic()` around it).
-* **Queued**: sg: `SELECT count(*) FROM messages` before and after the
-  run. Postfix: lines `qmgr[…]: ID: from=<from@example.com>, size=…,
-  nrcpt=1 (queue active)` in its maillog_file (one per message that
-  entered the queue), after waiting until the queue folders are empty.
-  Postfix also delivers (discards) during the run, sg does not deliver in
-  this version; both do their work on the same 2 cores as smtp-source.
+  bytes of body, one recipient. Before each run the server's queue must
+  be empty (else it is purged and the run says so), and the server's
+  SMTP processes are restarted (sg: nginx; Postfix: `postfix stop` and
+  `start`), so that no process left from an earlier run counts in this
+  one. A run is given up when the sink has seen no new message for
+  {stall} s after smtp-source finished ("did not deliver within {stall} s").
+* **CPU s per 1000 messages**: utime + stime + cutime + cstime
+  (/proc/PID/stat) summed over all processes of the server, at the end
+  minus at the start of the run, per 1000 messages. "All processes": sg:
+  the nginx master and its workers, the PostgreSQL postmaster and all its
+  children (the backends serving sg's connections, checkpointer, WAL
+  writer, autovacuum), and redis-server; Postfix: the master and all its
+  children (smtpd, cleanup, trivial-rewrite, qmgr, smtp, tlsmgr, anvil,
+  …). Processes that exit during the run count through the cutime/cstime
+  of the parent that reaped them. The run ends when the sink has counted
+  the last message and the server's queue is empty again.
+* **Peak memory**: the largest sum of resident memory (RSS,
+  /proc/PID/statm, sampled every {interval} s) and of proportional set
+  size (PSS, /proc/PID/smaps_rollup, sampled every {pss_interval} s) over
+  the same processes during the run. RSS counts shared pages
+  (PostgreSQL's shared buffers, libraries) once per process, so RSS sums
+  over many processes overstate what they use; PSS splits shared pages
+  between the processes that map them.
 * **Idle sessions**: one Python asyncio client (RLIMIT_NOFILE raised)
   opens {idle} TCP connections to the SMTP port, at most 1000 connects in
   flight, {ct} s connect timeout, then waits up to {gt} s for each
   greeting (`220 `), {bound} s at most for all; the connections stay open,
   idle, while memory is read: the sum of `VmRSS` (/proc/PID/status) and of
   `Pss` (/proc/PID/smaps_rollup) over the nginx master and its workers, or
-  over the Postfix master and all its children (smtpd, qmgr, pickup,
-  anvil, …), before the connections and 1 s after the last greeting. This
-  runs first, on the freshly started servers, before the load runs.
-  RSS counts shared pages once per process, so the RSS sum overstates what
-  several processes really use; PSS splits shared pages. Per-session
-  growth = (RSS after − RSS before) / greeted sessions. Then every
-  connection is closed.
+  over the Postfix master and all its children, before the connections
+  and 1 s after the last greeting. This runs first, on the freshly
+  started servers. Per-session growth = (RSS after − RSS before) /
+  greeted sessions.
 
 ## Notes
 
-* sg greeted {sg_greeted} of {idle} concurrent sessions; Postfix greeted
-  {pf_greeted}: it serves at most `default_process_limit` (100) sessions
-  with one smtpd process each; the other clients wait in the kernel's
-  listen queue (or their SYNs are dropped) without a greeting until an
-  smtpd becomes free (under stress Postfix shortens `smtpd_timeout` to 10 s).
-* Both commit to disk before 250: sg with one PostgreSQL transaction per
-  message (WAL fsync; PostgreSQL groups concurrent commits), Postfix with
-  an fsync of the queue file. Neither number is a tuning result: both run
-  with their defaults on a small machine, and the client runs on the same
-  cores.
+* Goal of the issue: sg at least twice Postfix's end-to-end rate, with a
+  queue just as durable. Both commit to disk before 250: sg with one
+  PostgreSQL transaction per message (WAL fsync; PostgreSQL groups
+  concurrent commits), Postfix with an fsync of the queue file.
+* sg greeted {sg_greeted} of {idle} concurrent idle sessions; Postfix
+  greeted {pf_greeted}: it serves at most `default_process_limit` (100)
+  sessions with one smtpd process each; the other clients wait in the
+  kernel's listen queue without a greeting.
+* Postfix does not reuse TLS connections by default
+  (`smtp_tls_connection_reuse = no`); it reuses plaintext ones
+  (`smtp_connection_cache_on_demand = yes`): compare "SMTP sessions
+  opened to the sink".
 {problems}""".format(
         date=started.strftime("%Y-%m-%d %H:%M UTC"),
+        minutes=ctx["minutes"],
         facts="\n".join("* %s: %s" % kv for kv in facts),
-        table=table(results),
+        e2e=e2e_table(results), idle_table=idle_table(results), m=MESSAGES,
+        ncpu=sh("nproc"), sink_cmd=ctx["sink_cmd"],
+        front=FRONT_TEXT.get(TLS_FRONT, TLS_FRONT),
         pg_fsync=sgr.get("fsync", "?"), pg_sync=sgr.get("sync_commit", "?"),
         workers=NGINX_WORKERS, wc=NGINX_WORKER_CONNECTIONS, rl=NGINX_RLIMIT_NOFILE,
-        pfver=dict(facts).get("Postfix", ""), pflimits=pf,
-        cmds="\n".join("  " + c for c in cmds), m=MESSAGES, idle=IDLE,
+        sg_conf="\n".join("  " + l for l in ctx["sg_conf"]) or "  (not run)",
+        pf_conf="\n".join("  " + l for l in ctx["pf_conf"]) or "  (not run)",
+        pfver=dict(facts).get("Postfix (and its smtp-source, smtp-sink)", ""),
+        pflimits=results.get("postfix_conf", ""),
+        cmds="\n".join("  " + c for c in cmds), stall=E2E_STALL,
+        interval=SAMPLE_INTERVAL, pss_interval=PSS_INTERVAL, idle=IDLE,
         ct=IDLE_CONNECT_TIMEOUT, gt=IDLE_GREETING_TIMEOUT, bound=IDLE_BOUND,
         sg_greeted=sgr.get("idle", {}).get("greeted", "–"),
-        pf_greeted=pfr.get("idle", {}).get("greeted", "–"),
+        pf_greeted=results["Postfix"].get("idle", {}).get("greeted", "–"),
         problems=problems_text)
     os.makedirs(os.path.dirname(DOC), exist_ok=True)
     with open(DOC + ".tmp", "w") as f:
@@ -747,73 +1514,20 @@ runs the same load against both, and stops and removes everything.
     os.replace(DOC + ".tmp", DOC)
 
 
-# ---------------------------------------------------------------- main
-
-def main():
-    if not os.path.exists(MODULE_SO):
-        sys.stderr.write("bench: %s is missing: run make\n" % MODULE_SO)
-        return 1
-    for tool in (SMTP_SOURCE, POSTFIX):
-        if not os.path.exists(tool):
-            sys.stderr.write("bench: %s is missing: apt-get install postfix\n" % tool)
-            return 1
-    nofile = raise_nofile()
-    log("client RLIMIT_NOFILE %s" % (nofile,))
-    started = datetime.datetime.now(datetime.timezone.utc)
-    base = tempfile.mkdtemp(prefix="sgbench-", dir="/tmp")
-    os.chmod(base, 0o755)
-    sg, pf = Sg(base), PostfixInstance(base)
-    results = {"sg": {"load": {}}, "Postfix": {"load": {}}}
-    failed = None
-    problems_text = ""
-    try:
-        log("starting sg in %s" % base)
-        sg.start()
-        results["sg"]["fsync"] = sg.fsync
-        results["sg"]["sync_commit"] = sg.sync_commit
-        log("sg: SMTP 127.0.0.1:%d, nginx pid %d, workers %s"
-            % (sg.port, sg.nginx.pid, children(sg.nginx.pid)))
-        log("starting Postfix")
-        pf.start()
-        results["postfix_conf"] = ", ".join(
-            "`%s`" % l for l in pf.postconf(
-                "default_process_limit", "smtpd_client_connection_count_limit",
-                "smtpd_timeout", "in_flow_delay").splitlines())
-        log("Postfix: SMTP 127.0.0.1:%d, master pid %s; %s"
-            % (pf.port, pf.master_pid, results["postfix_conf"]))
-
-        # idle sessions first, on freshly started servers: afterwards
-        # Postfix keeps ~100 smtpd and cleanup processes from the load
-        # around, which would hide what the idle sessions cost
-        for server in (sg, pf):
-            results[server.name]["idle"] = idle_sessions(server)
-        for s in SESSIONS:
-            for server in (sg, pf):
-                results[server.name]["load"][s] = run_smtp_source(server, s)
-        results["sg"]["alive_after"] = server_alive(sg)
-    except Exception:
-        failed = traceback.format_exc()
-        sys.stderr.write(failed)
-    finally:
-        sg_problems = sg.problems()
-        sg_errors = sg.error_lines()
-        pf_problems = pf.problems()
-        pf_warnings = pf.warnings()
-        pf.stop()
-        sg.stop()
-        if os.environ.get("BENCH_KEEP_TMP"):
-            log("kept %s" % base)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
-
+def problem_lines(results, sg, pf, sg_problems, sg_errors, pf_problems,
+                  pf_warnings, failed):
     lines = []
     if sg_problems or sg_errors:
+        uniq = []
+        for l in sg_problems + sg_errors:
+            k = re.sub(r"^\S+ \S+ \[\w+\] \d+#\d+: (\*\d+ )?", "", l)
+            k = re.sub(r"\d+", "N", k)[:200]
+            if k not in uniq:
+                uniq.append(k)
         lines.append("* sg's error log had %d [alert]/[crit]/[emerg] and %d [error]"
-                     " lines during the run%s" % (
-                         len(sg_problems), len(sg_errors),
-                         ", for example:\n\n  ```\n" + "\n".join(
-                             "  " + l for l in (sg_problems + sg_errors)[:8])
-                         + "\n  ```" if (sg_problems or sg_errors) else ""))
+                     " lines during the run; distinct ones (digits as N):\n\n  ```\n%s\n  ```"
+                     % (len(sg_problems), len(sg_errors),
+                        "\n".join("  " + l for l in uniq[:8])))
     else:
         lines.append("* sg's error log had no [error], [alert], [crit] or"
                      " [emerg] lines during the run.")
@@ -824,23 +1538,170 @@ def main():
         uniq = sorted({re.sub(r"^.*?: warning: ", "", l) for l in pf_warnings})
         lines.append("* Postfix warnings (%d lines): %s" % (
             len(pf_warnings), "; ".join("`%s`" % u for u in uniq[:4])))
+    for n in sg.notes + pf.notes:
+        lines.append("* " + n + ".")
     for name in ("sg", "Postfix"):
-        for s, r in sorted(results[name]["load"].items()):
-            if r["rc"] != 0 or r["output"]:
-                lines.append("* smtp-source -s %d against %s exited %s: %s" % (
-                    s, name, r["rc"], "; ".join("`%s`" % o for o in r["output"][:3])))
+        for (mode, s), r in sorted(results[name]["e2e"].items(),
+                                   key=lambda kv: (MODES.index(kv[0][0]), kv[0][1])):
+            if not r or r.get("skipped"):
+                continue
+            purged = ("; %d recipients left from the run before had been"
+                      " purged first" % r["purged"]) if r.get("purged") else ""
+            if not r["ok"]:
+                lines.append("* %s, %s, `-s %d`: %s; %d of %d messages reached the"
+                             " sink; %s%s." % (name, mode, s, r["why"], r["delivered"],
+                                               MESSAGES, r["diagnosis"], purged))
+            elif purged:
+                lines.append("* %s, %s, `-s %d`: %s." % (name, mode, s, purged[2:]))
+            if r["output"]:
+                lines.append("* smtp-source -s %d against %s (%s) exited %s: %s" % (
+                    s, name, mode, r["rc"],
+                    "; ".join("`%s`" % o for o in r["output"][:3])))
+    infra, busy = [], []
+    for name in ("sg", "Postfix"):
+        for (mode, s), r in sorted(results[name]["e2e"].items(),
+                                   key=lambda kv: (MODES.index(kv[0][0]), kv[0][1])):
+            if r and r.get("ok"):
+                infra.append("%s %s -s %d: client %.1f, sink%s %.1f, other %.1f" % (
+                    name, mode, s, r["client_cpu"],
+                    " + TLS front" if mode == "TLS" else "", r["infra_cpu"],
+                    r["other_cpu"]))
+                if r["other_cpu"] > 0.1 * r["span"] * r["ncpu"]:
+                    busy.append("%s %s `-s %d`" % (name, mode, s))
+    if infra:
+        lines.append("* CPU seconds used beside the server during each run (not"
+                     " in the table; \"other\": everything else busy on the"
+                     " machine, from /proc/stat, minus the server, client, sink,"
+                     " front and the benchmark itself): " + "; ".join(infra) + ".")
+    if busy:
+        lines.append("* **Other work used more than 10%% of the machine during**"
+                     " %s: those numbers are disturbed; re-run on an idle"
+                     " machine." % ", ".join(busy))
+    if TLS_FRONT == "nginx":
+        lines.append(
+            "* Why not stunnel in front of the sink: stunnel 5's SMTP server"
+            " mode (`protocol = smtp`) waits 200 ms on every new connection"
+            " before it greets (it polls the client for 200 ms to tell STARTTLS"
+            " from TLS-on-connect, src/protocol.c `smtp_server`). With"
+            " Postfix's 20 parallel deliveries and one TLS connection per"
+            " message that caps Postfix at about 20 / 0.2 s = 100 msg/s, a"
+            " limit of the test rig, not of Postfix (measured on 2026-11-28 on"
+            " this machine: Postfix, TLS, `-s 20`: 85 msg/s through stunnel,"
+            " 154 through the nginx front). The nginx mail proxy greets at"
+            " once. `BENCH_TLS_FRONT=stunnel make bench` measures with"
+            " stunnel.")
     if failed:
         lines.append("* The run FAILED:\n\n  ```\n%s\n  ```" % "\n".join(
             "  " + l for l in failed.strip().splitlines()[-15:]))
-    problems_text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
+
+# ---------------------------------------------------------------- main
+
+def main():
+    if not os.path.exists(MODULE_SO):
+        sys.stderr.write("bench: %s is missing: run make\n" % MODULE_SO)
+        return 1
+    for tool in (SMTP_SOURCE, SMTP_SINK, POSTFIX):
+        if not os.path.exists(tool):
+            sys.stderr.write("bench: %s is missing: apt-get install postfix\n" % tool)
+            return 1
+    if TLS_FRONT == "stunnel" and not os.path.exists(STUNNEL):
+        sys.stderr.write("bench: %s is missing: apt-get install stunnel4\n" % STUNNEL)
+        return 1
+    nofile = raise_nofile()
+    log("client RLIMIT_NOFILE %s" % (nofile,))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t_start = time.monotonic()
+    base = tempfile.mkdtemp(prefix="sgbench-", dir="/tmp")
+    os.chmod(base, 0o755)
+    ca, cert, key = make_ca(os.path.join(base, "ca"))
+    sink = Sink(os.path.join(base, "sink"))
+    front = TlsFront(os.path.join(base, "front"), TLS_FRONT, sink, cert, key)
+    sg = Sg(base, ca)
+    pf = None
+    results = {"sg": {"e2e": {}}, "Postfix": {"e2e": {}}}
+    ctx = {"sink_cmd": cmd_text(sink.cmd()), "sg_conf": [], "pf_conf": []}
+    failed = None
+    front_version = "?"
+    servers = []
+    try:
+        sink.start()
+        front.start()
+        front_version = "%s (BENCH_TLS_FRONT=%s)" % (front.version(), TLS_FRONT)
+        log("smtp-sink on 127.0.0.1:%d, TLS front (%s) on 127.0.0.1:%d"
+            % (sink.port, TLS_FRONT, front.port))
+        pf = PostfixInstance(base, sink.port, front.port)
+        if ONLY in ("", "sg"):
+            log("starting sg in %s" % base)
+            sg.start()
+            results["sg"]["fsync"] = sg.fsync
+            results["sg"]["sync_commit"] = sg.sync_commit
+            log("sg: SMTP 127.0.0.1:%d, nginx pid %d, workers %s"
+                % (sg.port, sg.nginx.pid, children(sg.nginx.pid)))
+            servers.append(sg)
+        if ONLY in ("", "Postfix"):
+            log("starting Postfix")
+            pf.start()
+            results["postfix_conf"] = ", ".join(
+                "`%s`" % l for l in pf.postconf(
+                    "default_process_limit", "default_destination_concurrency_limit",
+                    "smtp_connection_cache_on_demand", "smtp_tls_connection_reuse",
+                    "smtp_tls_session_cache_database", "in_flow_delay").splitlines())
+            log("Postfix: SMTP 127.0.0.1:%d, master pid %s; %s"
+                % (pf.port, pf.master_pid, results["postfix_conf"]))
+            servers.append(pf)
+
+        # idle sessions first, on freshly started servers
+        if IDLE > 0:
+            for server in servers:
+                results[server.name]["idle"] = idle_sessions(server)
+        for mode in MODES:
+            for server in servers:
+                server.configure(mode, sink.port, front.port)
+            for s in SESSIONS:
+                for server in servers:
+                    if time.monotonic() - t_start > BUDGET:
+                        results[server.name]["e2e"][(mode, s)] = {
+                            "skipped": "over the time budget of %d s" % BUDGET}
+                        continue
+                    results[server.name]["e2e"][(mode, s)] = run_e2e(
+                        server, s, mode, sink, front)
+    except Exception:
+        failed = traceback.format_exc()
+        sys.stderr.write(failed)
+    finally:
+        sg_problems = sg.problems()
+        sg_errors = sg.error_lines()
+        pf_problems = pf.problems() if pf else []
+        pf_warnings = pf.warnings() if pf else []
+        ctx["sg_conf"] = sg.config_log
+        ctx["pf_conf"] = pf.config_log if pf else []
+        for thing in (pf, sg, front, sink):
+            if thing is None:
+                continue
+            try:
+                thing.stop()
+            except Exception as e:
+                log("stopping %s: %s" % (type(thing).__name__, e))
+        if os.environ.get("BENCH_KEEP_TMP"):
+            log("kept %s" % base)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    ctx["minutes"] = (time.monotonic() - t_start) / 60.0
+
+    problems_text = problem_lines(results, sg, pf or PostfixInstance(base, 0, 0),
+                                  sg_problems, sg_errors, pf_problems,
+                                  pf_warnings, failed)
     print()
-    print(table(results))
+    print(e2e_table(results))
+    print()
+    print(idle_table(results))
     print()
     print(problems_text)
     try:
-        facts = machine_facts()
-        write_doc(results, facts, started, problems_text)
+        facts = machine_facts(front_version)
+        write_doc(results, facts, started, problems_text, ctx)
         log("wrote %s" % DOC)
     except Exception:
         traceback.print_exc()

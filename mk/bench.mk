@@ -1,8 +1,13 @@
 # mk/bench.mk — `make bench`: sg vs Postfix on this machine (included by
-# Makefile). Installs Postfix (smtp-source) when missing, builds sg, runs
-# bench/bench.py, which starts private instances of both in a temporary
-# folder on free loopback ports, measures, prints the table and writes
-# docs/benchmarks.md. Environment: BENCH_MESSAGES (5000), BENCH_IDLE (10000).
+# Makefile). Installs Postfix (smtp-source, smtp-sink) and stunnel4 when
+# missing, builds sg, runs bench/bench.py, which starts private instances
+# of both, an smtp-sink and a STARTTLS front for it in a temporary folder
+# on free loopback ports, measures end-to-end throughput (smtp-source →
+# server → smtp-sink, plaintext and TLS outbound) and idle sessions,
+# prints the table and writes docs/benchmarks.md. Takes 5–10 minutes.
+# Environment: BENCH_MESSAGES (5000), BENCH_IDLE (10000), BENCH_TLS_FRONT
+# (nginx | stunnel), BENCH_STALL (20), BENCH_BUDGET (540), BENCH_KEEP_TMP;
+# see bench/bench.py.
 
 BENCH_PYTHON ?= /usr/bin/python3
 

@@ -101,7 +101,7 @@
 /* the delivery engine wakes when the transaction commits */
 
 #define NGX_HTTP_SGADMIN_QUEUE_NOTIFY                                        \
-    " ntf AS (SELECT pg_notify('sg_queue', '')"                              \
+    " ntf AS (SELECT pg_notify('sg_queue', 'api')"                              \
     "  FROM (SELECT 1 FROM chg LIMIT 1) x)"
 
 /*

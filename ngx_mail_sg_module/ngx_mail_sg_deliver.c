@@ -819,7 +819,14 @@ static void
 sg_dlv_notify(void *data, const char *channel, const char *payload)
 {
     sg_dlv_claim();
-    sg_dlv_dsn_sweep();
+
+    /*
+     * new mail (payload "") needs no DSN search; an API change ("api":
+     * a delete with a bounce) and a LISTEN that is back (NULL) may
+     */
+    if (payload == NULL || payload[0] != '\0') {
+        sg_dlv_dsn_sweep();
+    }
 }
 
 
