@@ -223,6 +223,8 @@ static void sg_dlv_sess_open(sg_dlv_sess_t *sess);
 static void sg_dlv_sess_opened(void *data, sg_client_t *c,
     sg_client_info_t *info);
 static void sg_dlv_sess_send(sg_dlv_sess_t *sess);
+static void sg_dlv_sess_refuse(sg_dlv_sess_t *sess, sg_client_info_t *info,
+    ngx_uint_t code, const char *status, const char *reply);
 static void sg_dlv_sess_sent(void *data, sg_client_t *c,
     sg_client_txn_t *txn);
 static void sg_dlv_sess_exhausted(sg_dlv_sess_t *sess);
@@ -1838,35 +1840,17 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
 
     if (info->size_limit && job->size > info->size_limit) {
         /* RFC 1870, 6.1: the next hop's fixed limit */
-        for (i = 0; i < job->nrcpts; i++) {
-            sg_dlv_rcpt_outcome(job, &job->rcpts[i], 552, "5.3.4",
-                                "552 5.3.4 the message is bigger than the"
-                                " next hop accepts (SIZE)",
-                                &sess->host_name, 0);
-        }
-
-        sg_dlv_attempt(sess, info, "bounced", "the message is bigger than"
-                       " the next hop accepts (SIZE)");
-        sg_dlv_job_finish(job);
-        sess->job = NULL;
-        sg_dlv_sess_done(sess);
+        sg_dlv_sess_refuse(sess, info, 552, "5.3.4",
+                           "552 5.3.4 the message is bigger than the next"
+                           " hop accepts (SIZE, RFC 1870, 6.1)");
         return;
     }
 
     if (job->eightbit && !info->eightbitmime) {
         /* RFC 6152, 3: 8-bit data only to a server that offers 8BITMIME */
-        for (i = 0; i < job->nrcpts; i++) {
-            sg_dlv_rcpt_outcome(job, &job->rcpts[i], 554, "5.6.3",
-                                "554 5.6.3 the message has 8-bit data and"
-                                " the next hop does not offer 8BITMIME",
-                                &sess->host_name, 0);
-        }
-
-        sg_dlv_attempt(sess, info, "bounced", "the next hop does not offer"
-                       " 8BITMIME (RFC 6152, 3)");
-        sg_dlv_job_finish(job);
-        sess->job = NULL;
-        sg_dlv_sess_done(sess);
+        sg_dlv_sess_refuse(sess, info, 554, "5.6.3",
+                           "554 5.6.3 the message has 8-bit data and the"
+                           " next hop does not offer 8BITMIME (RFC 6152, 3)");
         return;
     }
 
@@ -1911,6 +1895,26 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
 failed:
 
     sg_dlv_rcpt_outcome(job, NULL, 451, "4.3.0", "out of memory", NULL, 0);
+    sg_dlv_job_finish(job);
+    sess->job = NULL;
+    sg_dlv_sess_done(sess);
+}
+
+
+/* sg itself refuses to send the job to this next hop: every recipient */
+
+static void
+sg_dlv_sess_refuse(sg_dlv_sess_t *sess, sg_client_info_t *info,
+    ngx_uint_t code, const char *status, const char *reply)
+{
+    sg_dlv_job_t  *job;
+
+    job = sess->job;
+
+    sg_dlv_rcpt_outcome(job, NULL, code, status, reply, &sess->host_name, 0);
+    sg_dlv_attempt(sess, info, code / 100 == 5 ? "bounced" : "deferred",
+                   reply);
+
     sg_dlv_job_finish(job);
     sess->job = NULL;
     sg_dlv_sess_done(sess);
