@@ -19,6 +19,7 @@ PACKAGES=(
     postgresql-15 redis-server openssl ca-certificates
     # tests and tools (Debian's /usr/bin/python3)
     python3 python3-pytest python3-psycopg2 python3-redis python3-requests
+    python3-cryptography
     swaks dnsmasq-base
 )
 
