@@ -243,6 +243,7 @@ static void sg_dlv_job_finish(sg_dlv_job_t *job);
 static void sg_dlv_job_record(sg_dlv_job_t *job);
 static void sg_dlv_job_recorded(void *data, PGresult *res, const char *err,
     const char *sqlstate);
+static void sg_dlv_job_retry_later(sg_dlv_job_t *job);
 static void sg_dlv_job_retry_handler(ngx_event_t *ev);
 static void sg_dlv_job_free(sg_dlv_job_t *job);
 static void sg_dlv_release(void);
@@ -2458,13 +2459,19 @@ retry:
                   "sg delivery: %s: cannot record the results now,"
                   " trying again", job->id);
 
+    sg_dlv_job_retry_later(job);
+}
+
+
+/* record the job again soon; the handler finds its job through the event */
+
+static void
+sg_dlv_job_retry_later(sg_dlv_job_t *job)
+{
     job->retry.handler = sg_dlv_job_retry_handler;
     job->retry.data = &sg_dlv.dummy;
     job->retry.log = sg_dlv.log;
     ngx_add_timer(&job->retry, SG_DLV_RECORD_RETRY);
-
-    /* the handler finds its job through the event */
-    (void) job;
 }
 
 
@@ -2502,10 +2509,7 @@ sg_dlv_job_recorded(void *data, PGresult *res, const char *err,
                       "sg delivery: %s: cannot record the results: %s",
                       job->id, err);
 
-        job->retry.handler = sg_dlv_job_retry_handler;
-        job->retry.data = &sg_dlv.dummy;
-        job->retry.log = sg_dlv.log;
-        ngx_add_timer(&job->retry, SG_DLV_RECORD_RETRY);
+        sg_dlv_job_retry_later(job);
         return;
     }
 
