@@ -12,6 +12,8 @@
 #include "sg_tls.h"
 #include "sg_lists.h"
 #include "sg_dns.h"
+#include "sg_http.h"
+#include "sg_sts.h"
 
 
 static void *sg_core_create_conf(ngx_cycle_t *cycle);
@@ -289,6 +291,14 @@ sg_core_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
+    if (sg_http_init_worker(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (sg_sts_init_worker(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return NGX_OK;
 }
 
@@ -299,6 +309,8 @@ sg_core_exit_process(ngx_cycle_t *cycle)
     sg_settings_exit_worker();
     sg_lists_exit_worker();
     sg_tls_exit_worker();
+    sg_sts_exit_worker();
+    sg_http_exit_worker();
     sg_dns_exit_worker();
 
     sg_redis_destroy(sg_worker.redis);

@@ -202,5 +202,13 @@ ngx_int_t ngx_http_sgadmin_sts_policy(ngx_http_request_t *r,
 void ngx_http_sgadmin_domains_dns(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 
+/* ngx_http_sgadmin_sts.c */
+void ngx_http_sgadmin_sts_list(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_sts_get(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+void ngx_http_sgadmin_sts_delete(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
 
 #endif /* _NGX_HTTP_SGADMIN_H_INCLUDED_ */

@@ -150,6 +150,15 @@ static const ngx_http_sgadmin_route_t  ngx_http_sgadmin_routes[] = {
     { NGX_HTTP_GET, ngx_string("/delivery/resolve/{domain}"),
       NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_resolve },
 
+    { NGX_HTTP_GET, ngx_string("/mta-sts/policies"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_sts_list },
+
+    { NGX_HTTP_GET, ngx_string("/mta-sts/policies/{domain}"),
+      NGX_HTTP_SGADMIN_ROLE_READ, ngx_http_sgadmin_sts_get },
+
+    { NGX_HTTP_DELETE, ngx_string("/mta-sts/policies/{domain}"),
+      NGX_HTTP_SGADMIN_ROLE_ADMIN, ngx_http_sgadmin_sts_delete },
+
     { 0, ngx_null_string, 0, NULL }
 };
 
