@@ -19,7 +19,14 @@ sg_tls_decide(const sg_tls_facts_t *f, sg_tls_decision_t *d)
         d->rule = 1;
         d->bounce = 1;
 
-        if (!(f->dane || f->mx_dnssec
+        /*
+         * The MX must not come from a spoofable answer: DNSSEC, or an
+         * MTA-STS policy in enforce mode naming it.  A host the admin
+         * configured (a route, a local domain's server) is looked up by
+         * no MX: its name is authentic, and the certificate is verified
+         * against it (RFC-NOTES, our decision).
+         */
+        if (!(f->dane || f->mx_dnssec || f->configured_host
               || (f->mta_sts_enabled && f->sts_mode == SG_STS_ENFORCE
                   && f->sts_mx_match)))
         {

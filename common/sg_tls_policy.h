@@ -38,6 +38,9 @@ typedef struct {
     /* what DNS, policies and lists say about host H (address A) */
     unsigned        dane:1;                /* usable DNSSEC-valid TLSA */
     unsigned        mx_dnssec:1;           /* the MX answer was secure */
+    unsigned        configured_host:1;     /* H is a route's relay host or
+                                              a local domain's server, set
+                                              by the admin, not from MX */
     sg_sts_mode_e   sts_mode;
     unsigned        sts_mx_match:1;        /* H matches the policy's mx */
     unsigned        on_required_list:1;    /* H or A */

@@ -59,7 +59,12 @@
     "   'tls_protocol', a.tls_protocol, 'tls_cipher', a.tls_cipher,"         \
     "   'tls_verify', a.tls_verify, 'tls_host_match', a.tls_host_match,"     \
     "   'tls_result_type', a.tls_result_type, 'result', a.result,"           \
-    "   'reply', a.reply, 'worker', a.worker)"                               \
+    "   'reply', a.reply, 'worker', a.worker,"                               \
+    "   'policy', json_build_object('type', a.policy_type,"                  \
+    "     'domain', a.policy_domain, 'id', a.policy_id,"                     \
+    "     'mode', a.policy_mode, 'text', a.policy_text,"                     \
+    "     'result_type', a.policy_result_type),"                             \
+    "   'requirements', a.requirements)"                                     \
     "   ORDER BY a.started_at, a.id), '[]')"                                 \
     "   FROM delivery_attempts a WHERE a.message_id = m.id)"
 

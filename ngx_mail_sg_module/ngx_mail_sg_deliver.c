@@ -27,6 +27,7 @@
 #include "sg_dns.h"
 #include "sg_dsn.h"
 #include "sg_tls_policy.h"
+#include "sg_sts.h"
 #include "ngx_mail_sg_client.h"
 #include "ngx_mail_sg_deliver.h"
 
@@ -112,6 +113,10 @@ struct sg_dlv_dest_s {
     time_t               route_expires;
     sg_dns_req_t        *dns;
 
+    sg_sts_answer_t     *sts;                /* the MTA-STS answer for the
+                                                policy domain, with route */
+    sg_sts_req_t        *sts_req;
+
     ngx_queue_t          waiting;            /* sg_dlv.waiting */
     ngx_uint_t           busy;               /* sg_dlv_dest_run() frames:
                                                 not freed meanwhile */
@@ -137,10 +142,13 @@ struct sg_dlv_sess_s {
     size_t               ip_len;
 
     u_char               reason[SG_DLV_REPLY_MAX];   /* last host failure */
+    u_char               reasons[SG_DLV_REPLY_MAX];  /* every host's, "; " */
+    size_t               reasons_len;
     ngx_uint_t           tried;              /* hosts that were tried */
     ngx_uint_t           policy_fail;        /* refused by a bounce rule */
     unsigned             clear_retry:1;
     unsigned             no_requiretls:1;
+    unsigned             sts_mismatch:1;     /* H is not in the policy */
 };
 
 
@@ -205,6 +213,7 @@ static sg_dlv_dest_t *sg_dlv_dest_for(ngx_str_t *domain,
 static void sg_dlv_dest_run(sg_dlv_dest_t *dest);
 static void sg_dlv_dest_step(sg_dlv_dest_t *dest);
 static void sg_dlv_dest_routed(void *data, sg_dns_route_t *route);
+static void sg_dlv_dest_policy(void *data, sg_sts_answer_t *answer);
 static void sg_dlv_dest_fail_all(sg_dlv_dest_t *dest, ngx_uint_t bounce,
     const char *status, const char *reply);
 static void sg_dlv_dest_free(sg_dlv_dest_t *dest);
@@ -228,12 +237,16 @@ static void sg_dlv_sess_refuse(sg_dlv_sess_t *sess, sg_client_info_t *info,
 static void sg_dlv_sess_sent(void *data, sg_client_t *c,
     sg_client_txn_t *txn);
 static void sg_dlv_sess_exhausted(sg_dlv_sess_t *sess);
+static void sg_dlv_sess_note(sg_dlv_sess_t *sess);
 static void sg_dlv_sess_done(sg_dlv_sess_t *sess);
 static void sg_dlv_sess_idle_handler(ngx_event_t *ev);
 static void sg_dlv_sess_close(sg_dlv_sess_t *sess);
 
 static void sg_dlv_attempt(sg_dlv_sess_t *sess, sg_client_info_t *info,
     const char *result, const char *reply);
+static void sg_dlv_attempt_policy(sg_dlv_sess_t *sess, json_t *row);
+static json_t *sg_dlv_requirements(sg_dlv_sess_t *sess,
+    sg_client_info_t *info);
 static void sg_dlv_rcpt_reply(sg_dlv_job_t *job, sg_dlv_rcpt_t *r,
     sg_client_reply_t *reply, ngx_uint_t dsn_peer);
 static void sg_dlv_rcpt_outcome(sg_dlv_job_t *job, sg_dlv_rcpt_t *r,
@@ -488,19 +501,24 @@ static sg_dlv_worker_t  sg_dlv;
     " a AS (INSERT INTO delivery_attempts (message_id, recipients,"          \
     "  started_at, ended_at, destination, mx_host, ip, port, tls_level,"     \
     "  tls_rule, tls_reason, starttls, tls_protocol, tls_cipher,"            \
-    "  tls_verify, tls_host_match, tls_result_type, result, reply, worker)"  \
+    "  tls_verify, tls_host_match, tls_result_type, result, reply, worker,"  \
+    "  policy_type, policy_domain, policy_id, policy_mode, policy_text,"     \
+    "  policy_result_type, requirements)"                                    \
     "  SELECT $3, x.recipients, to_timestamp(x.started),"                    \
     "  to_timestamp(x.ended), x.destination, x.mx_host, x.ip::inet, x.port," \
     "  x.tls_level, x.tls_rule, x.tls_reason, x.starttls, x.tls_protocol,"   \
     "  x.tls_cipher, x.tls_verify, x.tls_host_match, x.tls_result_type,"     \
-    "  x.result, x.reply, $2"                                                \
+    "  x.result, x.reply, $2, x.policy_type, x.policy_domain, x.policy_id,"  \
+    "  x.policy_mode, x.policy_text, x.policy_result_type, x.requirements"   \
     "  FROM json_to_recordset($4::json) AS x(recipients text[],"             \
     "  started double precision, ended double precision, destination text,"  \
     "  mx_host text, ip text, port integer, tls_level text,"                 \
     "  tls_rule integer, tls_reason text, starttls boolean,"                 \
     "  tls_protocol text, tls_cipher text, tls_verify text,"                 \
     "  tls_host_match boolean, tls_result_type text, result text,"           \
-    "  reply text)),"                                                        \
+    "  reply text, policy_type text, policy_domain text, policy_id text,"    \
+    "  policy_mode text, policy_text text, policy_result_type text,"         \
+    "  requirements jsonb)),"                                                \
     " m AS (UPDATE messages SET last_attempt_at = now() WHERE id = $3)"      \
     " SELECT count(*) FROM u"
 
@@ -1318,7 +1336,7 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
     if (dest->route == NULL
         || (dest->route_expires < ngx_time() && dest->sessions == 0))
     {
-        if (dest->dns) {
+        if (dest->dns || dest->sts_req) {
             return;
         }
 
@@ -1327,11 +1345,24 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
             dest->route = NULL;
         }
 
+        sg_sts_release(dest->sts);
+        dest->sts = NULL;
+
+        /*
+         * RFC 8461, 4: the policy of the recipient domain; through a
+         * route or to an internal server, of the host sg connects to
+         * (an address literal has none).  Looked up beside the route.
+         */
+
         name = dest->relay ? dest->host : dest->domain;
+
+        dest->sts_req = sg_sts_lookup(&name, sg_dlv_dest_policy, dest);
 
         dest->dns = sg_dns_route(&name, !dest->relay, sg_dlv_dest_routed,
                                  dest);
         if (dest->dns == NULL) {
+            sg_sts_cancel(dest->sts_req);
+            dest->sts_req = NULL;
             sg_dlv_dest_fail_all(dest, 0, "4.4.3",
                                  "DNS is not available in this worker");
         }
@@ -1347,6 +1378,11 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
                                            == SG_DNS_NOT_FOUND
                                            ? "5.1.2" : "4.4.3"),
                              dest->route->reason);
+        return;
+    }
+
+    if (dest->sts_req) {
+        /* sg_dlv_dest_policy() runs the destination */
         return;
     }
 
@@ -1398,6 +1434,35 @@ sg_dlv_dest_routed(void *data, sg_dns_route_t *route)
 }
 
 
+/* the MTA-STS answer for the destination (no policy, or one to apply) */
+
+static void
+sg_dlv_dest_policy(void *data, sg_sts_answer_t *answer)
+{
+    sg_dlv_dest_t  *dest = data;
+
+    dest->sts_req = NULL;
+
+    sg_sts_release(dest->sts);
+    dest->sts = answer;
+
+    if (answer->result_type) {
+        /* RFC 8461, 5.1: delivery goes on as without a policy */
+        ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
+                      "sg delivery: %V: MTA-STS policy of \"%V\" not"
+                      " available (%s): %s", &dest->sn.str, &answer->domain,
+                      answer->result_type, answer->reason);
+    }
+
+    ngx_log_debug4(NGX_LOG_DEBUG_MAIL, sg_dlv.log, 0,
+                   "sg delivery: %V MTA-STS of \"%V\": mode %d: %s",
+                   &dest->sn.str, &answer->domain, (int) answer->mode,
+                   answer->reason);
+
+    sg_dlv_dest_run(dest);
+}
+
+
 /* DNS said no: every waiting job fails the same way */
 
 static void
@@ -1438,7 +1503,7 @@ static void
 sg_dlv_dest_free(sg_dlv_dest_t *dest)
 {
     if (!ngx_queue_empty(&dest->jobs) || dest->sessions || dest->dns
-        || dest->busy)
+        || dest->sts_req || dest->busy)
     {
         return;
     }
@@ -1446,6 +1511,8 @@ sg_dlv_dest_free(sg_dlv_dest_t *dest)
     if (dest->in_waiting) {
         ngx_queue_remove(&dest->waiting);
     }
+
+    sg_sts_release(dest->sts);
 
     if (dest->route) {
         ngx_destroy_pool(dest->route->pool);
@@ -1518,6 +1585,7 @@ sg_dlv_sess_job(sg_dlv_sess_t *sess, sg_dlv_job_t *job)
     sess->no_requiretls = 0;
     sess->clear_retry = 0;
     sess->reason[0] = '\0';
+    sess->reasons_len = 0;
 
     sg_dlv_sess_body(sess);
 }
@@ -1671,7 +1739,18 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
     f.starttls_outbound = st->starttls_outbound;
     f.tls_failure_fallback = st->tls_failure_fallback;
     f.mx_dnssec = dest->route->mx_secure && !dest->relay;
+    f.configured_host = dest->relay;
     f.internal_trusted = dest->internal_trusted;
+
+    /* RFC 8461, 4.1: does H match the policy's mx patterns? */
+
+    sess->sts_mismatch = 0;
+
+    if (dest->sts && dest->sts->mode != SG_STS_NONE) {
+        f.sts_mode = dest->sts->mode;
+        f.sts_mx_match = sg_sts_match_mx(dest->sts, &h->name);
+        sess->sts_mismatch = !f.sts_mx_match;
+    }
 
     if (l) {
         f.on_required_list = sg_lists_required(l, sess->peer.sockaddr,
@@ -1685,11 +1764,18 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
     sg_tls_decide(&f, &d);
 
     if (d.skip) {
+        if (sess->client) {
+            /* kept for this host, which is now skipped */
+            sg_client_close(sess->client);
+            sess->client = NULL;
+        }
+
         sess->decision = d;
         sess->tried++;
-        sess->policy_fail++;
+        sess->policy_fail += d.bounce;
         ngx_snprintf(sess->reason, sizeof(sess->reason) - 1, "%V: %s%Z",
                      &h->name, d.reason);
+        sg_dlv_sess_note(sess);
         sg_dlv_attempt(sess, NULL, "next_mx", d.reason);
 
         /* every address of this host gets the same answer */
@@ -1787,6 +1873,7 @@ sg_dlv_sess_opened(void *data, sg_client_t *c, sg_client_info_t *info)
 
     ngx_snprintf(sess->reason, sizeof(sess->reason) - 1, "%V[%*s]: %s%Z",
                  &sess->host_name, sess->ip_len, sess->ip, why);
+    sg_dlv_sess_note(sess);
 
     if (info->step == SG_CLIENT_HANDSHAKE && sess->decision.fallback
         && !sess->clear_retry)
@@ -1874,8 +1961,10 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
      * RFC 8689, 5: the DSN of a flagged message is sent with REQUIRETLS
      * when the next hop supports it, and not discarded when it does not
      */
-    txn->requiretls = sess->decision.send_requiretls
-                      || (job->requiretls_dsn && info->requiretls);
+    txn->requiretls = info->requiretls
+                      && (sess->decision.send_requiretls
+                          || (job->requiretls_dsn
+                              && sg_worker.settings->requiretls_enabled));
     txn->ret = job->ret;
     txn->envid = job->envid;
     txn->body = job->body;
@@ -2011,9 +2100,16 @@ sg_dlv_sess_exhausted(sg_dlv_sess_t *sess)
     /* RFC 8689, 4.1: no MX qualifies for a REQUIRETLS message */
     bounce = sess->decision.bounce && sess->tried && sess->policy_fail == sess->tried;
 
-    ngx_snprintf(reply, sizeof(reply) - 1, "%s%s%Z",
-                 sess->reason[0] ? "" : "no host could be reached",
-                 sess->reason);
+    /* RFC 8689, 5: the diagnostic names each MX and what it failed */
+
+    ngx_snprintf(reply, sizeof(reply) - 1, "%s%s%*s%Z",
+                 bounce ? (sess->no_requiretls
+                           ? "REQUIRETLS: no MX host offers REQUIRETLS with"
+                             " verified TLS: "
+                           : "REQUIRETLS: no MX host qualifies: ")
+                        : "",
+                 sess->reasons_len ? "" : "no host could be reached",
+                 sess->reasons_len, sess->reasons);
 
     for (i = 0; i < job->nrcpts; i++) {
         sg_dlv_rcpt_outcome(job, &job->rcpts[i], bounce ? 550 : 451,
@@ -2027,6 +2123,26 @@ sg_dlv_sess_exhausted(sg_dlv_sess_t *sess)
     sess->job = NULL;
 
     sg_dlv_sess_done(sess);
+}
+
+
+/* the host's failure (sess->reason) joins the job's list of them */
+
+static void
+sg_dlv_sess_note(sg_dlv_sess_t *sess)
+{
+    u_char  *p, *last;
+
+    p = sess->reasons + sess->reasons_len;
+    last = sess->reasons + sizeof(sess->reasons);
+
+    if (sess->reasons_len) {
+        p = ngx_slprintf(p, last, "; ");
+    }
+
+    p = ngx_slprintf(p, last, "%s", sess->reason);
+
+    sess->reasons_len = p - sess->reasons;
 }
 
 
@@ -2177,8 +2293,9 @@ sg_dlv_attempt(sg_dlv_sess_t *sess, sg_client_info_t *info,
     json_object_set_new(row, "result", json_string(result));
     json_object_set_new(row, "reply", json_string((char *) text));
 
+    json_object_set_new(row, "starttls", json_boolean(info && info->tls));
+
     if (info) {
-        json_object_set_new(row, "starttls", json_boolean(info->tls));
 
         if (info->tls) {
             json_object_set_new(row, "tls_protocol",
@@ -2195,6 +2312,13 @@ sg_dlv_attempt(sg_dlv_sess_t *sess, sg_client_info_t *info,
             json_object_set_new(row, "tls_result_type",
                                 json_string(info->result_type));
         }
+    }
+
+    sg_dlv_attempt_policy(sess, row);
+
+    if (sess->decision.rule == 1) {
+        json_object_set_new(row, "requirements",
+                            sg_dlv_requirements(sess, info));
     }
 
     if (json_array_append_new(job->attempts, row) != 0) {
@@ -2216,6 +2340,118 @@ sg_dlv_attempt(sg_dlv_sess_t *sess, sg_client_info_t *info,
                   info && info->tls ? " " : "",
                   info && info->tls ? (char *) info->tls_protocol : "",
                   result, text);
+}
+
+
+/*
+ * The policy of the attempt, for TLS reports (RFC 8460, 4.3): type, domain,
+ * the MTA-STS policy's id, mode and text, and what failed of it.
+ */
+
+static void
+sg_dlv_attempt_policy(sg_dlv_sess_t *sess, json_t *row)
+{
+    ngx_str_t        *domain;
+    const char       *type, *result;
+    sg_sts_answer_t  *a;
+
+    a = sess->dest->sts;
+    domain = sess->dest->relay ? &sess->dest->host : &sess->dest->domain;
+    type = "no-policy-found";
+    result = NULL;
+
+    if (a && (a->mode != SG_STS_NONE || a->result_type)) {
+        type = "sts";
+        domain = &a->domain;
+        result = a->result_type;
+
+        if (a->mode != SG_STS_NONE) {
+            json_object_set_new(row, "policy_id",
+                                json_stringn((char *) a->id.data, a->id.len));
+            json_object_set_new(row, "policy_mode",
+                                json_string(a->mode == SG_STS_ENFORCE
+                                            ? "enforce" : "testing"));
+            json_object_set_new(row, "policy_text",
+                                json_stringn((char *) a->text.data,
+                                             a->text.len));
+        }
+
+        if (sess->sts_mismatch) {
+            /* RFC 8460, 4.3.2.2: the MX does not match the policy */
+            result = "validation-failure";
+        }
+    }
+
+    json_object_set_new(row, "policy_type", json_string(type));
+    json_object_set_new(row, "policy_domain",
+                        json_stringn((char *) domain->data, domain->len));
+
+    if (result) {
+        json_object_set_new(row, "policy_result_type", json_string(result));
+    }
+}
+
+
+/*
+ * RFC 8689, 4.1: each requirement for a flagged message, at this host:
+ * "ok", "failed" or "not reached"; the queue entry shows them.
+ */
+
+static json_t *
+sg_dlv_requirements(sg_dlv_sess_t *sess, sg_client_info_t *info)
+{
+    json_t            *o;
+    const char        *mx, *tls, *cert, *kw;
+
+    o = json_object();
+    if (o == NULL) {
+        return NULL;
+    }
+
+    if (sess->decision.skip) {
+        mx = "failed";
+
+    } else if (sess->dest->relay) {
+        mx = "ok: a configured host, not from MX";
+
+    } else if (sess->dest->route->mx_secure) {
+        mx = "ok: DNSSEC-signed MX answer";
+
+    } else {
+        mx = "ok: MTA-STS policy in enforce mode";
+    }
+
+    tls = "not reached";
+    cert = "not reached";
+    kw = "not reached";
+
+    if (info && !sess->decision.skip) {
+        if (info->tls) {
+            tls = "ok";
+            cert = (info->step == SG_CLIENT_VERIFY) ? "failed" : "ok";
+
+            if (cert[0] == 'o') {
+                kw = info->requiretls
+                     ? "ok"
+                     : (sess->decision.need_requiretls
+                        ? "failed"
+                        : "not offered: the internal server is trusted");
+            }
+
+        } else if (info->step == SG_CLIENT_NO_STARTTLS
+                   || info->step == SG_CLIENT_STARTTLS
+                   || info->step == SG_CLIENT_HANDSHAKE)
+        {
+            tls = "failed";
+        }
+    }
+
+    json_object_set_new(o, "mx_validated", json_string(mx));
+    json_object_set_new(o, "starttls", json_string(tls));
+    json_object_set_new(o, "certificate", json_string(cert));
+    json_object_set_new(o, "requiretls_offered", json_string(kw));
+
+    return o;
 }
 
 
@@ -2505,9 +2741,25 @@ sg_dlv_job_recorded(void *data, PGresult *res, const char *err,
     ngx_uint_t  i, dsn;
 
     if (err) {
-        ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
-                      "sg delivery: %s: cannot record the results: %s",
-                      job->id, err);
+        if (sqlstate && (ngx_strncmp(sqlstate, "22", 2) == 0
+                         || ngx_strncmp(sqlstate, "23", 2) == 0)
+            && json_array_size(job->attempts))
+        {
+            /*
+             * the attempt rows themselves are refused (a bug): the
+             * recipients' results must not wait for them forever
+             */
+            ngx_log_error(NGX_LOG_ERR, sg_dlv.log, 0,
+                          "sg delivery: %s: the attempt rows are refused,"
+                          " recording the results without them: %s",
+                          job->id, err);
+            json_array_clear(job->attempts);
+
+        } else {
+            ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
+                          "sg delivery: %s: cannot record the results: %s",
+                          job->id, err);
+        }
 
         sg_dlv_job_retry_later(job);
         return;

@@ -17,7 +17,7 @@
 #define SG_DLV_MAX_SCHEDULE     32       /* steps of the retry schedule */
 #define SG_DLV_ROUTE_TTL        60       /* s a DNS answer is reused */
 #define SG_DLV_MAX_RCPTS        1000     /* recipients in one transaction */
-#define SG_DLV_REPLY_MAX        512
+#define SG_DLV_REPLY_MAX        1024
 
 
 typedef struct {

@@ -725,7 +725,9 @@ def test_queue_get_has_attempts_and_outcomes(srv, pg):
                          "tls_level", "tls_rule", "tls_reason", "starttls",
                          "tls_protocol", "tls_cipher", "tls_verify",
                          "tls_host_match", "tls_result_type", "result",
-                         "reply", "worker"]
+                         "reply", "worker", "policy", "requirements"]
+    assert old["policy"]["type"] in ("sts", "no-policy-found")
+    assert old["requirements"] is None      # not a REQUIRETLS message
     assert rfc3339(old["started_at"]) < rfc3339(new["started_at"])
     assert old["recipients"] == ["a@dlv.test", "b@dlv.test"]
     assert old["ip"] == "192.0.2.25" and old["mx_host"] is None

@@ -24,6 +24,7 @@
 #define FAILED  0x0400      /* on the hourly TLS failure list */
 #define TRUST   0x0800      /* internal server trusted for REQUIRETLS */
 #define TRN     0x1000      /* "TLS-Required: No" */
+#define CONF    0x2000      /* H is a configured relay or internal server */
 
 
 typedef struct {
@@ -108,6 +109,16 @@ static const sg_tls_case_t  cases[] = {
       RT | RT_ON | TRN | STS_ON | MATCH, SG_STS_ENFORCE, SG_TLS_VERIFY, 1,
       0, 1, 0 },
 
+    { "RFC 8689 4.1: flagged, configured relay host: no MX to validate",
+      RT | RT_ON | CONF, SG_STS_NONE, SG_TLS_VERIFY, 1, 0, 1, 0 },
+    { "RFC 8689 4.1: flagged, configured host ignores whitelist",
+      RT | RT_ON | CONF | WL | OUT | FB | FAILED, SG_STS_NONE,
+      SG_TLS_VERIFY, 1, 0, 1, 0 },
+    { "RFC 8689 4.1: flagged, trusted internal server: verified TLS",
+      RT | RT_ON | CONF | TRUST, SG_STS_NONE, SG_TLS_VERIFY, 1, 0, 1, 0 },
+    { "configured host alone changes nothing unflagged", CONF | OUT | FB,
+      SG_STS_NONE, SG_TLS_MAY, 6, 0, 0, 1 },
+
     /* RFC 8689 5: TLS-Required: No */
     { "RFC 8689 5: TLS-Required: No relaxes enforce", TRN | STS_ON,
       SG_STS_ENFORCE, SG_TLS_MAY, 3, 0, 0, 0 },
@@ -138,6 +149,7 @@ facts(unsigned bits, sg_sts_mode_e sts, sg_tls_facts_t *f)
     f->on_failure_list = !!(bits & FAILED);
     f->internal_trusted = !!(bits & TRUST);
     f->tls_required_no = !!(bits & TRN);
+    f->configured_host = !!(bits & CONF);
     f->sts_mode = sts;
 }
 

@@ -1,0 +1,652 @@
+"""Delivery under MTA-STS (issue 5, item 3) and REQUIRETLS (issue 6).
+
+The world of test_delivery.py (its own PostgreSQL, Redis, dnsmasq and a
+delivering sg), plus Debian's nginx serving MTA-STS policies on
+127.0.0.N:443 (sts_servers.PolicyHosts) with certificates of the test CA.
+MX hosts are scriptable sinks (peers.SmtpSink) on 127.0.0.x:25, a private
+Postfix, and a second sg instance.
+"""
+
+import itertools
+import json
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import sgtest  # noqa: E402
+from peers import (DEFAULT_EHLO, PostfixMX, SmtpSink, peer_ca,  # noqa: E402,F401
+                   wait_for)
+from sgtest import api  # noqa: E402
+from sts_servers import PolicyHosts, policy  # noqa: E402
+from test_delivery import (W, dsn_parts, dsns_for, entry,  # noqa: E402,F401
+                           send, settings, states, unique, wait_entry,
+                           wait_final, world)
+
+_ids = itertools.count(1)
+
+RT_EHLO = DEFAULT_EHLO + ["REQUIRETLS"]
+
+
+@pytest.fixture(scope="module")
+def hosts(world, peer_ca):
+    h = PolicyHosts(peer_ca)
+    h.start()
+    try:
+        yield h
+    finally:
+        h.cleanup()
+
+
+def publish(W, hosts, domain, mode="enforce", mx=None, txt_id=None, **site):
+    """An MTA-STS policy for domain (RFC 8461, 3): the TXT record, the
+    policy host's address and the policy served over HTTPS."""
+    txt_id = txt_id or "id%d" % next(_ids)
+    hosts.add(domain, policy(mode=mode, mx=mx or ("mx." + domain,)), **site)
+    name = "_mta-sts." + domain
+    W.records["txt"] = [t for t in W.records["txt"] if t[0] != name]
+    W.records["txt"].append((name, "v=STSv1; id=%s" % txt_id))
+    W.records["hosts"]["mta-sts." + domain] = [hosts.ip]
+    hosts.apply()
+    W.dns.reload(W.records)
+    return txt_id
+
+
+def tls_sink(W, name, ehlo_tls=None, **kw):
+    """A sink with STARTTLS and a certificate of the test CA for name."""
+    return SmtpSink(tls=W.ca.issue([name]), ehlo_tls=ehlo_tls, **kw)
+
+
+def mail_lines(sink):
+    return [c.line for s in sink.sessions for c in s.commands
+            if c.verb == "MAIL"]
+
+
+def nothing_in_clear(sink):
+    """No MAIL, RCPT or DATA outside TLS, and no message data at all."""
+    for s in sink.sessions:
+        for c in s.commands:
+            assert c.tls or c.verb not in ("MAIL", "RCPT", "DATA", "BDAT"), \
+                s.commands
+    assert not sink.messages
+
+
+def flagged_send(W, rcpt, **kw):
+    """A message flagged by the MAIL parameter (RFC 8689, 4): sent to sg
+    over STARTTLS with MAIL FROM:<...> REQUIRETLS."""
+    return send(W, rcpt, starttls=True, mail_options=["REQUIRETLS"], **kw)
+
+
+def bounce_of(W, qid):
+    e = wait_final(W, qid)
+    assert all(r["state"] == "bounced" for r in e["recipients"]), e
+    return e
+
+
+# ------------------------------------------------------ MTA-STS delivery
+
+def test_sts_enforce_matching_mx_delivered_over_verified_tls(W, hosts):
+    """RFC 8461, 4.1 and 5: enforce, the MX matches the policy: delivered
+    over STARTTLS with a verified certificate, even with "STARTTLS
+    whenever possible" off; the attempt names the policy."""
+    dom = unique("stsok")
+    sink = tls_sink(W, "mx." + dom)
+    try:
+        W.sink_mx(sink, dom)
+        pid = publish(W, hosts, dom)
+        qid = send(W, "ann@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"ann@" + dom: "delivered"}
+        assert sink.wait_messages(1)
+        assert sink.messages[0].tls
+        a = e["attempts"][-1]
+        assert (a["tls_level"], a["tls_rule"]) == ("verify", 3)
+        assert a["tls_verify"] == "ok" and a["tls_host_match"] is True
+        assert a["policy"]["type"] == "sts"
+        assert a["policy"]["domain"] == dom
+        assert a["policy"]["id"] == pid
+        assert a["policy"]["mode"] == "enforce"
+        assert "mx: mx." + dom in a["policy"]["text"]
+        assert a["policy"]["result_type"] is None
+    finally:
+        sink.stop()
+
+
+def test_sts_enforce_mx_mismatch_is_skipped_and_deferred(W, hosts):
+    """RFC 8461, 4.1: an MX that does not match an enforce policy is
+    treated as unreachable: nothing is sent to it, the message is deferred
+    (never bounced at once, RFC 8461, 5) with the reason in the queue;
+    RFC 8460, 4.3.2.2: recorded as validation-failure."""
+    dom = unique("stsmis")
+    sink = tls_sink(W, "mx." + dom)
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom, mx=("mail.elsewhere.test",))
+        qid = send(W, "bea@" + dom)
+        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
+                       and e["recipients"][0]["state"] == "deferred")
+        a = e["attempts"][0]
+        assert a["result"] == "next_mx" and a["mx_host"] == "mx." + dom
+        assert a["policy"]["result_type"] == "validation-failure"
+        assert "does not match the policy" in a["tls_reason"]
+        r = e["recipients"][0]
+        assert r["state"] == "deferred"
+        assert "does not match the policy" in r["last_reply"]
+        assert not sink.sessions            # not even a connection
+        api(W.inst, "DELETE", "/api/v1/queue/" + qid)
+    finally:
+        sink.stop()
+
+
+def test_sts_enforce_new_policy_id_lets_the_message_through(W, hosts):
+    """RFC 8461, 5 and 10.2: a new policy (new TXT id) is looked for before
+    a deferred message gives up: once it lists the MX, the retry delivers."""
+    dom = unique("stsnew")
+    sink = tls_sink(W, "mx." + dom)
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom, mx=("old.elsewhere.test",))
+        qid = send(W, "cid@" + dom)
+        wait_entry(W, qid, lambda e: e["recipients"][0]["state"]
+                   == "deferred")
+        assert not sink.sessions
+        publish(W, hosts, dom)              # new id, lists mx.<dom>
+        r = api(W.inst, "GET", "/api/v1/mta-sts/policies/%s?refresh=1" % dom)
+        assert r.status_code == 200, r.text
+        assert api(W.inst, "POST",
+                   "/api/v1/queue/%s/retry" % qid).status_code in (200, 202)
+        e = wait_final(W, qid, timeout=60)
+        assert states(e) == {"cid@" + dom: "delivered"}
+        assert sink.messages[0].tls
+    finally:
+        sink.stop()
+
+
+@pytest.mark.parametrize("cert,result_type", [
+    ("untrusted", "certificate-not-trusted"),
+    ("wrong-name", "certificate-host-mismatch"),
+    ("expired", "certificate-expired"),
+])
+def test_sts_enforce_bad_certificate_defers(W, hosts, cert, result_type):
+    """RFC 8461, 4.2: under enforce the MX certificate must chain to a
+    trusted root and name the MX host; else nothing is sent, the message
+    is deferred, and the RFC 8460 result type is recorded."""
+    dom = unique("stscert")
+    name = "mx." + dom
+    pair = {"untrusted": lambda: W.ca.untrusted.issue([name]),
+            "wrong-name": lambda: W.ca.mismatched("other.invalid"),
+            "expired": lambda: W.ca.issue([name], expired=True)}[cert]()
+    sink = SmtpSink(tls=pair)
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom)
+        qid = send(W, "dee@" + dom)
+        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
+                       and e["recipients"][0]["state"] == "deferred")
+        a = e["attempts"][0]
+        assert a["tls_level"] == "verify" and a["tls_rule"] == 3
+        assert a["tls_result_type"] == result_type
+        assert e["recipients"][0]["state"] == "deferred"
+        nothing_in_clear(sink)
+        assert not any(t for s in sink.sessions for t in s.transactions)
+        api(W.inst, "DELETE", "/api/v1/queue/" + qid)
+    finally:
+        sink.stop()
+
+
+def test_sts_testing_delivers_and_records_the_failure(W, hosts):
+    """RFC 8461, 5: testing: deliver as without a policy, and record what
+    would have failed (RFC 8460: validation-failure for the MX)."""
+    settings(W.inst, starttls_outbound=True)
+    dom = unique("ststest")
+    sink = SmtpSink(tls=W.ca.untrusted.issue(["mx." + dom]))
+    try:
+        W.sink_mx(sink, dom)
+        pid = publish(W, hosts, dom, mode="testing",
+                      mx=("mail.elsewhere.test",))
+        qid = send(W, "eve@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"eve@" + dom: "delivered"}
+        a = e["attempts"][-1]
+        assert a["tls_level"] == "may" and a["starttls"] is True
+        assert a["policy"]["mode"] == "testing" and a["policy"]["id"] == pid
+        assert a["policy"]["result_type"] == "validation-failure"
+        assert a["tls_result_type"] == "certificate-not-trusted"
+    finally:
+        sink.stop()
+
+
+def test_sts_setting_off_ignores_policies(W, hosts):
+    """The reference page's "MTA-STS" setting off: an enforce policy whose
+    MX list does not match is ignored, the mail is delivered."""
+    dom = unique("stsoff")
+    sink = SmtpSink()
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom, mx=("mail.elsewhere.test",))
+        settings(W.inst, mta_sts_enabled=False)
+        qid = send(W, "fin@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"fin@" + dom: "delivered"}
+        assert e["attempts"][-1]["policy"]["type"] == "no-policy-found"
+    finally:
+        settings(W.inst, mta_sts_enabled=True)
+        sink.stop()
+
+
+def test_sts_fetch_error_delivers_as_without_policy(W, hosts):
+    """RFC 8461, 5.1: a policy that cannot be fetched (HTTP 404) means
+    delivery as without one; RFC 8460, 4.3.1.1: sts-policy-fetch-error."""
+    dom = unique("sts404")
+    sink = SmtpSink()
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom, status=404)
+        qid = send(W, "gil@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"gil@" + dom: "delivered"}
+        p = e["attempts"][-1]["policy"]
+        assert p["type"] == "sts" and p["id"] is None
+        assert p["result_type"] == "sts-policy-fetch-error"
+    finally:
+        sink.stop()
+
+
+def test_sts_policy_domain_of_a_route_is_the_relay_host(W, hosts):
+    """Issue 4, item 2 (RFC 8461, 4): through a route, the policy is the
+    relay host's, and the relay host is matched against it."""
+    relay = "relay." + unique("stsrt")
+    dom = unique("routed")
+    sink = tls_sink(W, relay)
+    try:
+        W.host(relay, sink.host)
+        publish(W, hosts, relay, mx=(relay,))
+        r = api(W.inst, "POST", "/api/v1/routes",
+                json={"domain": dom, "relay": "%s:25" % relay})
+        assert r.status_code == 201, r.text
+        time.sleep(0.5)                 # the lists reach the worker
+        qid = send(W, "hal@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"hal@" + dom: "delivered"}
+        a = e["attempts"][-1]
+        assert a["tls_level"] == "verify" and a["tls_rule"] == 3
+        assert a["policy"]["domain"] == relay
+        assert sink.messages[0].tls
+        api(W.inst, "DELETE", "/api/v1/routes/%s" % r.json()["id"])
+    finally:
+        sink.stop()
+
+
+# ------------------------------------------------------- REQUIRETLS
+
+def test_requiretls_to_a_second_sg_is_delivered_with_the_keyword(
+        W, hosts):
+    """RFC 8689, 4.1: sg -> a second sg (which advertises REQUIRETLS after
+    STARTTLS): every requirement met, MAIL FROM:<...> REQUIRETLS sent; the
+    second sg flags the message from the parameter."""
+    dom = unique("rtsg")
+    mxname = "mx." + dom
+    ip = "127.0.0.%d" % (200 + next(_ids) % 50)
+    base = sgtest.make_tmp("sgrt2-")
+    pg2 = sgtest.start_postgres(base)
+    cert_file, key_file = W.ca.issue([mxname])
+    other = None
+    try:
+        other = sgtest.start_sg(pg2, W.redis, hostname=mxname,
+                                extra_mail_server="listen %s:25;" % ip)
+        cid = sgtest.store_certificate(pg2.conninfo, open(cert_file).read(),
+                                       open(key_file).read(), mxname,
+                                       activate=True)
+        assert cid
+        r = api(other, "POST", "/api/v1/domains",
+                json={"name": dom, "internal_server": "127.0.0.1:9"})
+        assert r.status_code == 201, r.text
+        W.mx(dom, (mxname, ip, 10))
+        publish(W, hosts, dom)
+
+        def offers_requiretls():
+            import smtplib
+            import ssl
+            with smtplib.SMTP(ip, 25, timeout=10) as s:
+                s.starttls(context=ssl._create_unverified_context())
+                s.ehlo("probe.test")
+                cert = s.sock.getpeercert(binary_form=True)
+                return (s.has_extn("requiretls")
+                        and cert == _der(cert_file))
+        wait_for(offers_requiretls, timeout=20,
+                 message="the second sg offers REQUIRETLS with the CA's cert")
+
+        qid = flagged_send(W, "ida@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"ida@" + dom: "delivered"}, e
+        a = e["attempts"][-1]
+        assert a["tls_rule"] == 1 and a["tls_level"] == "verify"
+        assert a["requirements"] == {
+            "mx_validated": "ok: MTA-STS policy in enforce mode",
+            "starttls": "ok", "certificate": "ok",
+            "requiretls_offered": "ok"}
+        conn = pg2.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT requiretls, requiretls_sources"
+                            " FROM messages")
+                got = cur.fetchall()
+        finally:
+            conn.close()
+        assert got == [(True, ["parameter"])]
+    finally:
+        if other is not None:
+            sgtest.finish_sg(other)
+        pg2.stop()
+        sgtest.remove_tmp(base)
+
+
+def _der(cert_file):
+    import ssl
+    return ssl.PEM_cert_to_DER_cert(open(cert_file).read())
+
+
+def test_requiretls_to_postfix_bounces_5_7_30_headers_only(W, hosts):
+    """RFC 8689, 4.1 and 5: Postfix does not offer REQUIRETLS: no MAIL is
+    sent, the sender gets a bounce with 5.7.30 naming the MX and the
+    requirement; RFC 8689, 5: the bounce has the headers only, from
+    MAIL FROM:<>."""
+    dom = unique("rtpf")
+    cert = W.ca.issue(["mx." + dom])
+    with PostfixMX(domains=[dom], tls=cert, hostname="mx." + dom) as pf:
+        W.mx(dom, ("mx." + dom, pf.host, 10))
+        publish(W, hosts, dom)
+        body = "Subject: secret\r\n\r\nthe secret body text\r\n"
+        qid = send(W, "jo@" + dom, starttls=True,
+                   mail_options=["REQUIRETLS", "RET=FULL"],
+                   msg="From: alice@sender.test\r\nTo: jo@%s\r\n%s"
+                   % (dom, body))
+        e = bounce_of(W, qid)
+        r = e["recipients"][0]
+        assert r["dsn_status"] == "5.7.30"
+        assert "mx.%s" % dom in r["last_reply"]
+        assert "REQUIRETLS" in r["last_reply"]
+        assert e["attempts"][-1]["requirements"]["requiretls_offered"] \
+            == "failed"
+        time.sleep(0.5)
+        assert not pf.messages()
+        (txn,) = dsns_for(W, qid)
+        assert txn.mail_from == ""
+        msg, rcpts, parts = dsn_parts(txn)
+        assert rcpts[0]["Status"] == "5.7.30"
+        assert "mx.%s" % dom in rcpts[0]["Diagnostic-Code"]
+        assert parts[2].get_content_type() == "text/rfc822-headers"
+        assert b"the secret body text" not in txn.data
+        assert b"Subject: secret" in txn.data
+
+
+@pytest.mark.parametrize("case", [
+    "no-policy", "testing-policy", "untrusted", "name-mismatch",
+    "no-starttls", "whitelist", "failure-list", "no-requiretls",
+])
+def test_requiretls_each_requirement_failing(W, hosts, case):
+    """RFC 8689, 4.1: each requirement of the reference page's list,
+    failing alone: the message bounces (5.7.10 without usable TLS, 5.7.30
+    without REQUIRETLS at the next hop), the diagnostic names the MX and
+    the requirement, and nothing crosses the wire in clear (the STARTTLS
+    whitelist and the hourly failure list never apply)."""
+    settings(W.inst, starttls_outbound=True, tls_failure_fallback=True)
+    dom = unique("rt" + case.replace("-", "")[:6])
+    name = "mx." + dom
+    kw = {"ehlo_tls": RT_EHLO}
+    mode = "enforce"
+    if case == "untrusted":
+        kw["tls"] = W.ca.untrusted.issue([name])
+    elif case == "name-mismatch":
+        kw["tls"] = W.ca.mismatched("other.invalid")
+    elif case == "no-starttls":
+        kw = {"ehlo": DEFAULT_EHLO}
+    elif case == "failure-list":
+        kw = {"tls_fail": True}
+    elif case == "no-requiretls":
+        kw = {"tls": W.ca.issue([name])}
+    else:
+        kw["tls"] = W.ca.issue([name])
+    if case == "testing-policy":
+        mode = "testing"
+    sink = SmtpSink(**kw)
+    wl = None
+    try:
+        W.sink_mx(sink, dom)
+        if case != "no-policy":
+            publish(W, hosts, dom, mode=mode)
+        if case == "whitelist":
+            # whitelisted, and offering no STARTTLS: never sent in clear
+            sink.ehlo = list(DEFAULT_EHLO)
+            r = api(W.inst, "POST", "/api/v1/starttls/whitelist",
+                    json={"value": name})
+            assert r.status_code == 201, r.text
+            wl = r.json()["id"]
+            time.sleep(0.5)
+        if case == "failure-list":
+            # on the hourly list, as a failed handshake puts it there
+            exp = int(time.time()) + 3600
+            W.redis.client().set(
+                "sg:tls-failure:" + name,
+                json.dumps({"host": name, "ip": sink.host,
+                            "reason": "the TLS handshake failed",
+                            "failed_at": "2026-01-01T00:00:00Z",
+                            "expires_at": time.strftime(
+                                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(exp))}),
+                exat=exp)
+            fl = api(W.inst, "GET", "/api/v1/tls-failures").json()["items"]
+            assert name in [i["host"] for i in fl]
+        qid = flagged_send(W, "kim@" + dom)
+        e = bounce_of(W, qid)
+        r = e["recipients"][0]
+        want = "5.7.30" if case == "no-requiretls" else "5.7.10"
+        assert r["dsn_status"] == want, r
+        assert name in r["last_reply"]
+        why = {"no-policy": "validated neither",
+               "testing-policy": "validated neither",
+               "untrusted": "certificate verification failed",
+               "name-mismatch": "does not name",
+               "no-starttls": "STARTTLS is required but not offered",
+               "whitelist": "STARTTLS is required but not offered",
+               "failure-list": name,
+               "no-requiretls": "REQUIRETLS is required but not offered",
+               }[case]
+        assert why in r["last_reply"], r["last_reply"]
+        assert all(a["result"] != "retry_clear" for a in e["attempts"])
+        req = e["attempts"][-1]["requirements"]
+        failed = {"no-policy": "mx_validated",
+                  "testing-policy": "mx_validated",
+                  "untrusted": "certificate",
+                  "name-mismatch": "certificate",
+                  "no-starttls": "starttls", "whitelist": "starttls",
+                  "failure-list": "starttls",
+                  "no-requiretls": "requiretls_offered"}[case]
+        assert req[failed] == "failed", req
+        nothing_in_clear(sink)
+        (txn,) = dsns_for(W, qid)
+        _, rcpts, _ = dsn_parts(txn)
+        assert rcpts[0]["Status"] == want
+    finally:
+        if wl is not None:
+            api(W.inst, "DELETE", "/api/v1/starttls/whitelist/%s" % wl)
+        sink.stop()
+
+
+def test_requiretls_whitelisted_mx_still_gets_verified_tls(W, hosts):
+    """RFC 8689, 4.1: the STARTTLS whitelist does not apply to a flagged
+    message: a whitelisted MX offering everything gets STARTTLS and
+    MAIL FROM:<...> REQUIRETLS."""
+    dom = unique("rtwl")
+    sink = tls_sink(W, "mx." + dom, ehlo_tls=RT_EHLO)
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom)
+        r = api(W.inst, "POST", "/api/v1/starttls/whitelist",
+                json={"value": dom})
+        assert r.status_code == 201, r.text
+        time.sleep(0.5)
+        qid = flagged_send(W, "lee@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"lee@" + dom: "delivered"}
+        (line,) = mail_lines(sink)
+        assert line.upper().endswith(" REQUIRETLS")
+        assert sink.messages[0].tls
+        api(W.inst, "DELETE", "/api/v1/starttls/whitelist/%s"
+            % r.json()["id"])
+    finally:
+        sink.stop()
+
+
+def test_requiretls_transient_failure_defers(W, hosts):
+    """Issue 6, item 1: a transient failure (4xx greeting) defers a flagged
+    message as usual; it is not bounced."""
+    dom = unique("rttmp")
+    sink = tls_sink(W, "mx." + dom, ehlo_tls=RT_EHLO,
+                    banner="421 4.3.2 busy, later")
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom)
+        qid = flagged_send(W, "max@" + dom)
+        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
+                       and e["recipients"][0]["state"] == "deferred")
+        assert e["recipients"][0]["state"] == "deferred"
+        sink.banner = None
+        assert api(W.inst, "POST",
+                   "/api/v1/queue/%s/retry" % qid).status_code in (200, 202)
+        e = wait_final(W, qid)
+        assert states(e) == {"max@" + dom: "delivered"}
+        assert mail_lines(sink)[-1].upper().endswith(" REQUIRETLS")
+    finally:
+        sink.stop()
+
+
+@pytest.mark.parametrize("source", ["parameter", "rule", "address"])
+def test_requiretls_each_flag_source(W, hosts, source):
+    """Issue 6: a message flagged by the MAIL parameter (RFC 8689, 4), by a
+    content filter rule, or by a <local>+requiretls@ recipient (the
+    reference page) is sent with MAIL FROM:<...> REQUIRETLS, and the
+    queue entry says where the flag came from."""
+    dom = unique("rtsrc")
+    sink = tls_sink(W, "mx." + dom, ehlo_tls=RT_EHLO)
+    rule = None
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom)
+        if source == "parameter":
+            qid = flagged_send(W, "ned@" + dom)
+            want = ["parameter"]
+        elif source == "rule":
+            r = api(W.inst, "POST", "/api/v1/content-filter/rules",
+                    json={"conditions": [{"field": "recipient",
+                                          "match": "contains",
+                                          "value": "@" + dom}],
+                          "action": "flag_requiretls"})
+            assert r.status_code == 201, r.text
+            rule = r.json()["id"]
+            time.sleep(0.5)
+            qid = send(W, "ned@" + dom)
+            want = ["rule:%d" % rule]
+        else:
+            qid = send(W, "ned+requiretls@" + dom)
+            want = ["address:ned+requiretls@" + dom]
+        e = wait_final(W, qid)
+        assert e["requiretls"] == {"flagged": True, "sources": want}
+        assert states(e) == {"ned@" + dom: "delivered"}
+        (txn,) = sink.messages
+        assert txn.mail_line.upper().endswith(" REQUIRETLS")
+        assert [r.address for r in txn.rcpts] == ["ned@" + dom]
+        assert txn.tls
+    finally:
+        if rule is not None:
+            api(W.inst, "DELETE", "/api/v1/content-filter/rules/%d" % rule)
+        sink.stop()
+
+
+def test_requiretls_disabled_delivers_as_unflagged(W, hosts):
+    """The reference page: with REQUIRETLS disabled, flagged messages are
+    "treated as if the service is disabled": a flagged message deferred
+    while it was on is then delivered without the keyword to an MX that
+    does not offer REQUIRETLS (enforce policy: verified TLS still)."""
+    dom = unique("rtoff")
+    sink = tls_sink(W, "mx." + dom, banner="421 4.3.2 busy, later")
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom)
+        qid = flagged_send(W, "ola@" + dom)
+        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
+                       and e["recipients"][0]["state"] == "deferred")
+        assert e["attempts"][0]["tls_rule"] == 1
+        settings(W.inst, requiretls_enabled=False)
+        sink.banner = None
+        assert api(W.inst, "POST",
+                   "/api/v1/queue/%s/retry" % qid).status_code in (200, 202)
+        e = wait_final(W, qid)
+        assert e["requiretls"]["flagged"] is True
+        assert states(e) == {"ola@" + dom: "delivered"}
+        assert e["attempts"][-1]["tls_rule"] == 3
+        (txn,) = sink.messages
+        assert txn.tls and "REQUIRETLS" not in txn.mail_line.upper()
+    finally:
+        settings(W.inst, requiretls_enabled=True)
+        sink.stop()
+
+
+def test_tls_required_no_delivers_despite_failing_enforce(W, hosts):
+    """RFC 8689, 5: "TLS-Required: No": delivered although the enforce
+    policy does not list the MX and the certificate is untrusted; STARTTLS
+    is still attempted; the outcome is recorded."""
+    dom = unique("trn")
+    sink = SmtpSink(tls=W.ca.untrusted.issue(["mx." + dom]))
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom, mx=("mail.elsewhere.test",))
+        qid = send(W, "pat@" + dom, msg=(
+            "From: alice@sender.test\r\nTo: pat@%s\r\nTLS-Required: No\r\n"
+            "Subject: relaxed\r\n\r\nbody\r\n" % dom))
+        e = wait_final(W, qid)
+        assert states(e) == {"pat@" + dom: "delivered"}
+        a = e["attempts"][-1]
+        assert a["tls_level"] == "may" and a["tls_rule"] == 3
+        assert a["starttls"] is True
+        assert a["tls_result_type"] == "certificate-not-trusted"
+        assert a["policy"]["result_type"] == "validation-failure"
+        assert sink.messages[0].tls
+    finally:
+        sink.stop()
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_requiretls_to_a_local_domains_internal_server(W, hosts, trusted):
+    """Issue 6, item 5: a flagged message for a local domain's internal
+    server follows the same rules (verified TLS to the configured host);
+    "internal server is trusted for REQUIRETLS" relaxes only the
+    REQUIRETLS keyword: without it the server lacking the keyword means
+    5.7.30; with it the message is delivered (without the keyword)."""
+    dom = unique("rtloc")
+    name = "internal." + dom
+    sink = tls_sink(W, name, port=2529)
+    try:
+        W.host(name, sink.host)
+        r = api(W.inst, "POST", "/api/v1/domains",
+                json={"name": dom, "internal_server": "%s:2529" % name,
+                      "requiretls_trusted": trusted})
+        assert r.status_code == 201, r.text
+        time.sleep(0.5)
+        qid = send(W, "quin+requiretls@" + dom)
+        e = wait_final(W, qid)
+        if trusted:
+            assert states(e) == {"quin@" + dom: "delivered"}
+            (txn,) = sink.messages
+            assert txn.tls and "REQUIRETLS" not in txn.mail_line.upper()
+            req = e["attempts"][-1]["requirements"]
+            assert req["mx_validated"].startswith("ok")
+            assert req["requiretls_offered"].startswith("not offered")
+        else:
+            assert e["recipients"][0]["dsn_status"] == "5.7.30"
+            nothing_in_clear(sink)
+        api(W.inst, "DELETE", "/api/v1/domains/%s" % r.json()["id"])
+    finally:
+        sink.stop()
