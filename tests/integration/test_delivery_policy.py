@@ -381,6 +381,40 @@ def test_requiretls_to_postfix_bounces_5_7_30_headers_only(W, hosts):
         assert parts[2].get_content_type() == "text/rfc822-headers"
         assert b"the secret body text" not in txn.data
         assert b"Subject: secret" in txn.data
+        # RFC 8689, 5: the sender's MX offers no REQUIRETLS: the bounce
+        # is sent all the same, without the keyword
+        assert "REQUIRETLS" not in txn.mail_line.upper()
+
+
+def test_bounce_of_a_flagged_message_carries_requiretls_when_offered(
+        W, hosts):
+    """RFC 8689, 5: the non-delivery report of a flagged message is sent
+    with MAIL FROM:<> REQUIRETLS when the sender's MX offers it."""
+    settings(W.inst, starttls_outbound=True)
+    snd = unique("rtsnd")
+    back = tls_sink(W, "mx." + snd, ehlo_tls=RT_EHLO)
+    try:
+        W.sink_mx(back, snd)
+        dom = unique("rtnop")               # no policy: 5.7.10
+        sink = SmtpSink()
+        try:
+            W.sink_mx(sink, dom)
+            qid = flagged_send(W, "rae@" + dom, sender="sam@" + snd)
+            e = bounce_of(W, qid)
+            assert e["recipients"][0]["dsn_status"] == "5.7.10"
+            back.wait_messages(1, timeout=30)
+            (txn,) = back.messages
+            assert txn.mail_from == ""
+            assert txn.tls
+            assert txn.mail_line.upper().endswith(" REQUIRETLS")
+            _, rcpts, parts = dsn_parts(txn)
+            assert rcpts[0]["Status"] == "5.7.10"
+            assert parts[2].get_content_type() == "text/rfc822-headers"
+            nothing_in_clear(sink)
+        finally:
+            sink.stop()
+    finally:
+        back.stop()
 
 
 @pytest.mark.parametrize("case", [
