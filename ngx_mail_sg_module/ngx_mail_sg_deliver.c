@@ -145,6 +145,8 @@ struct sg_dlv_sess_s {
     u_char               reasons[SG_DLV_REPLY_MAX];  /* every host's, "; " */
     size_t               reasons_len;
     ngx_uint_t           tried;              /* hosts that were tried */
+    ngx_uint_t           connects;           /* addresses connected to */
+    ngx_uint_t           answered;           /* of them, got an SMTP reply */
     ngx_uint_t           policy_fail;        /* refused by a bounce rule */
     unsigned             clear_retry:1;
     unsigned             no_requiretls:1;
@@ -318,6 +320,20 @@ static ngx_command_t  sg_dlv_commands[] = {
       ngx_conf_set_num_slot,
       0,
       offsetof(sg_dlv_conf_t, dest_concurrency),
+      NULL },
+
+    { ngx_string("sg_delivery_mx_address_limit"),
+      NGX_MAIN_CONF|NGX_DIRECT_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      0,
+      offsetof(sg_dlv_conf_t, mx_address_limit),
+      NULL },
+
+    { ngx_string("sg_delivery_mx_session_limit"),
+      NGX_MAIN_CONF|NGX_DIRECT_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      0,
+      offsetof(sg_dlv_conf_t, mx_session_limit),
       NULL },
 
     { ngx_string("sg_delivery_batch"),
@@ -599,6 +615,8 @@ sg_dlv_create_conf(ngx_cycle_t *cycle)
     conf->enable = NGX_CONF_UNSET;
     conf->concurrency = NGX_CONF_UNSET_UINT;
     conf->dest_concurrency = NGX_CONF_UNSET_UINT;
+    conf->mx_address_limit = NGX_CONF_UNSET_UINT;
+    conf->mx_session_limit = NGX_CONF_UNSET_UINT;
     conf->batch = NGX_CONF_UNSET_UINT;
     conf->lease = NGX_CONF_UNSET_MSEC;
     conf->poll = NGX_CONF_UNSET_MSEC;
@@ -628,6 +646,8 @@ sg_dlv_init_conf(ngx_cycle_t *cycle, void *conf)
     ngx_conf_init_uint_value(dcf->concurrency, 100);
     ngx_conf_init_uint_value(dcf->dest_concurrency, 20);
     ngx_conf_init_uint_value(dcf->batch, 200);
+    ngx_conf_init_uint_value(dcf->mx_address_limit, 10);
+    ngx_conf_init_uint_value(dcf->mx_session_limit, 4);
     /* RFC 5321, 4.5.3.2: the client's timeouts */
     ngx_conf_init_msec_value(dcf->connect_timeout, 30000);
     ngx_conf_init_msec_value(dcf->command_timeout, 300000);
@@ -658,6 +678,16 @@ sg_dlv_init_conf(ngx_cycle_t *cycle, void *conf)
                       "\"sg_delivery_concurrency\" and"
                       " \"sg_delivery_destination_concurrency\" must be at"
                       " least 1, \"sg_delivery_batch\" from 1 to 10000");
+        return NGX_CONF_ERROR;
+    }
+
+    if (dcf->mx_address_limit < 1 || dcf->mx_address_limit > 100
+        || dcf->mx_session_limit < 1 || dcf->mx_session_limit > 100)
+    {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "\"sg_delivery_mx_address_limit\" and"
+                      " \"sg_delivery_mx_session_limit\" must be from 1"
+                      " to 100");
         return NGX_CONF_ERROR;
     }
 
@@ -1581,6 +1611,8 @@ sg_dlv_sess_job(sg_dlv_sess_t *sess, sg_dlv_job_t *job)
     }
 
     sess->tried = 0;
+    sess->connects = 0;
+    sess->answered = 0;
     sess->policy_fail = 0;
     sess->no_requiretls = 0;
     sess->clear_retry = 0;
@@ -1809,6 +1841,30 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
 
     sess->decision = d;
 
+    /*
+     * Bounds on one delivery's MX walk (as Postfix's
+     * smtp_mx_address_limit and smtp_mx_session_limit): a domain with
+     * many hosts and addresses must not hold the job for hours of
+     * connect timeouts.
+     */
+
+    if (sess->connects >= sg_dlv.conf->mx_address_limit
+        || sess->answered >= sg_dlv.conf->mx_session_limit)
+    {
+        ngx_snprintf(sess->reason, sizeof(sess->reason) - 1,
+                     "%s (%ui) reached before %V%Z",
+                     sess->connects >= sg_dlv.conf->mx_address_limit
+                     ? "sg_delivery_mx_address_limit"
+                     : "sg_delivery_mx_session_limit",
+                     sess->connects >= sg_dlv.conf->mx_address_limit
+                     ? sg_dlv.conf->mx_address_limit
+                     : sg_dlv.conf->mx_session_limit,
+                     &h->name);
+        sg_dlv_sess_note(sess);
+        sg_dlv_sess_exhausted(sess);
+        return;
+    }
+
     if (d.fallback) {
         /* 6: is the host on the hourly TLS-failure list? */
         sg_dlv_failure_check(sess);
@@ -1841,6 +1897,7 @@ sg_dlv_sess_open(sg_dlv_sess_t *sess)
 {
     sess->started = sg_dlv_now();
     sess->tried++;
+    sess->connects++;
 
     if (sg_client_open(&sg_dlv.client, &sess->host_name, &sess->peer,
                        &sess->decision, sg_dlv_sess_opened, sess)
@@ -1870,6 +1927,8 @@ sg_dlv_sess_opened(void *data, sg_client_t *c, sg_client_info_t *info)
 
     why = info->reply.code ? (const char *) info->reply.text
                            : (info->reason ? info->reason : "failed");
+
+    sess->answered += (info->step != SG_CLIENT_CONNECT);
 
     ngx_snprintf(sess->reason, sizeof(sess->reason) - 1, "%V[%*s]: %s%Z",
                  &sess->host_name, sess->ip_len, sess->ip, why);

@@ -25,6 +25,8 @@ typedef struct {
     ngx_str_t            hostname;
     ngx_uint_t           concurrency;        /* connections per worker */
     ngx_uint_t           dest_concurrency;   /* per destination, per worker */
+    ngx_uint_t           mx_address_limit;   /* addresses tried per job */
+    ngx_uint_t           mx_session_limit;   /* sessions that got an answer */
     ngx_uint_t           batch;              /* recipients claimed at once */
     ngx_msec_t           lease;
     ngx_msec_t           poll;

@@ -22,7 +22,7 @@ from peers import (DEFAULT_EHLO, PostfixMX, SmtpSink, peer_ca,  # noqa: E402,F40
                    wait_for)
 from sgtest import api  # noqa: E402
 from sts_servers import PolicyHosts, policy  # noqa: E402
-from test_delivery import (W, dsn_parts, dsns_for, entry,  # noqa: E402,F401
+from test_delivery import (DELIVERY_CONF, W, dsn_parts, dsns_for, entry,  # noqa: E402,F401
                            send, settings, states, unique, wait_entry,
                            wait_final, world)
 
@@ -684,3 +684,26 @@ def test_requiretls_to_a_local_domains_internal_server(W, hosts, trusted):
         api(W.inst, "DELETE", "/api/v1/domains/%s" % r.json()["id"])
     finally:
         sink.stop()
+
+
+# ------------------------------------------------------------ limits
+
+def test_mx_address_limit_bounds_the_walk(W):
+    """sg_delivery_mx_address_limit: a domain with many unreachable MX
+    hosts costs at most that many connection attempts per delivery; the
+    recipient is deferred with the reason."""
+    dom = unique("lim")
+    # 127.0.0.251..254:25 have no listener: connection refused
+    W.mx(dom, *[("mx%d.%s" % (i, dom), "127.0.0.%d" % (250 + i), 10 * i)
+                for i in range(1, 5)])
+    with W.instance(extra_main=DELIVERY_CONF
+                    + "sg_delivery_mx_address_limit 2;\n"):
+        qid = send(W, "una@" + dom)
+        e = wait_entry(W, qid, lambda e: e["recipients"][0]["state"]
+                       == "deferred" and e["attempts"])
+        hosts = [a["mx_host"] for a in e["attempts"]]
+        assert hosts[:2] == ["mx1." + dom, "mx2." + dom]
+        assert "mx3." + dom not in hosts and "mx4." + dom not in hosts
+        assert "sg_delivery_mx_address_limit (2)" in \
+            e["recipients"][0]["last_reply"]
+        api(W.inst, "DELETE", "/api/v1/queue/" + qid)
