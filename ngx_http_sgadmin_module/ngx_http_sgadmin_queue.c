@@ -63,7 +63,8 @@
     "   'policy', json_build_object('type', a.policy_type,"                  \
     "     'domain', a.policy_domain, 'id', a.policy_id,"                     \
     "     'mode', a.policy_mode, 'text', a.policy_text,"                     \
-    "     'result_type', a.policy_result_type),"                             \
+    "     'result_type', a.policy_result_type,"                              \
+    "     'reason', a.policy_reason),"                                       \
     "   'requirements', a.requirements)"                                     \
     "   ORDER BY a.started_at, a.id), '[]')"                                 \
     "   FROM delivery_attempts a WHERE a.message_id = m.id)"

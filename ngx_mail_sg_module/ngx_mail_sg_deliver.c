@@ -519,13 +519,14 @@ static sg_dlv_worker_t  sg_dlv;
     "  tls_rule, tls_reason, starttls, tls_protocol, tls_cipher,"            \
     "  tls_verify, tls_host_match, tls_result_type, result, reply, worker,"  \
     "  policy_type, policy_domain, policy_id, policy_mode, policy_text,"     \
-    "  policy_result_type, requirements)"                                    \
+    "  policy_result_type, policy_reason, requirements)"                     \
     "  SELECT $3, x.recipients, to_timestamp(x.started),"                    \
     "  to_timestamp(x.ended), x.destination, x.mx_host, x.ip::inet, x.port," \
     "  x.tls_level, x.tls_rule, x.tls_reason, x.starttls, x.tls_protocol,"   \
     "  x.tls_cipher, x.tls_verify, x.tls_host_match, x.tls_result_type,"     \
     "  x.result, x.reply, $2, x.policy_type, x.policy_domain, x.policy_id,"  \
-    "  x.policy_mode, x.policy_text, x.policy_result_type, x.requirements"   \
+    "  x.policy_mode, x.policy_text, x.policy_result_type, x.policy_reason," \
+    "  x.requirements"                                                       \
     "  FROM json_to_recordset($4::json) AS x(recipients text[],"             \
     "  started double precision, ended double precision, destination text,"  \
     "  mx_host text, ip text, port integer, tls_level text,"                 \
@@ -534,7 +535,7 @@ static sg_dlv_worker_t  sg_dlv;
     "  tls_host_match boolean, tls_result_type text, result text,"           \
     "  reply text, policy_type text, policy_domain text, policy_id text,"    \
     "  policy_mode text, policy_text text, policy_result_type text,"         \
-    "  requirements jsonb)),"                                                \
+    "  policy_reason text, requirements jsonb)),"                            \
     " m AS (UPDATE messages SET last_attempt_at = now() WHERE id = $3)"      \
     " SELECT count(*) FROM u"
 
@@ -2413,6 +2414,7 @@ sg_dlv_attempt_policy(sg_dlv_sess_t *sess, json_t *row)
     ngx_str_t        *domain;
     const char       *type, *result;
     sg_sts_answer_t  *a;
+    u_char            reason[SG_DLV_REPLY_MAX];
 
     a = sess->dest->sts;
     domain = sess->dest->relay ? &sess->dest->host : &sess->dest->domain;
@@ -2423,6 +2425,11 @@ sg_dlv_attempt_policy(sg_dlv_sess_t *sess, json_t *row)
         type = "sts";
         domain = &a->domain;
         result = a->result_type;
+
+        if (result) {
+            json_object_set_new(row, "policy_reason",
+                                json_string(a->reason));
+        }
 
         if (a->mode != SG_STS_NONE) {
             json_object_set_new(row, "policy_id",
@@ -2438,6 +2445,12 @@ sg_dlv_attempt_policy(sg_dlv_sess_t *sess, json_t *row)
         if (sess->sts_mismatch) {
             /* RFC 8460, 4.3.2.2: the MX does not match the policy */
             result = "validation-failure";
+            ngx_snprintf(reason, sizeof(reason) - 1,
+                             "mx-mismatch: %V is not in the mx list of the"
+                             " policy of %V%Z", &sess->host_name, &a->domain);
+            sg_dlv_printable(reason);
+            json_object_set_new(row, "policy_reason",
+                                json_string((char *) reason));
         }
     }
 

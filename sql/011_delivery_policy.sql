@@ -10,6 +10,7 @@ ALTER TABLE delivery_attempts
     ADD COLUMN policy_mode text CHECK (policy_mode IN ('enforce', 'testing')),
     ADD COLUMN policy_text text,
     ADD COLUMN policy_result_type text,
+    ADD COLUMN policy_reason text,
     ADD COLUMN requirements jsonb;
 
 COMMENT ON COLUMN delivery_attempts.policy_type IS
@@ -26,6 +27,9 @@ COMMENT ON COLUMN delivery_attempts.policy_result_type IS
     'RFC 8460, 4.3 result type of the policy: sts-policy-fetch-error, '
     'sts-policy-invalid, sts-webpki-invalid, or validation-failure when the '
     'MX host does not match the policy; NULL when nothing failed.';
+COMMENT ON COLUMN delivery_attempts.policy_reason IS
+    'Why the policy failed (RFC 8460 failure-reason-code), e.g. '
+    '"mx-mismatch: ..." or the fetch error; NULL when nothing failed.';
 COMMENT ON COLUMN delivery_attempts.requirements IS
     'REQUIRETLS messages only: mx_validated, starttls, certificate and '
     'requiretls_offered, each "ok", "failed" or "not reached" (with why).';

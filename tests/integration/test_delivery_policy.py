@@ -131,6 +131,7 @@ def test_sts_enforce_mx_mismatch_is_skipped_and_deferred(W, hosts):
         a = e["attempts"][0]
         assert a["result"] == "next_mx" and a["mx_host"] == "mx." + dom
         assert a["policy"]["result_type"] == "validation-failure"
+        assert a["policy"]["reason"].startswith("mx-mismatch: mx." + dom)
         assert "does not match the policy" in a["tls_reason"]
         r = e["recipients"][0]
         assert r["state"] == "deferred"
@@ -251,6 +252,7 @@ def test_sts_fetch_error_delivers_as_without_policy(W, hosts):
         p = e["attempts"][-1]["policy"]
         assert p["type"] == "sts" and p["id"] is None
         assert p["result_type"] == "sts-policy-fetch-error"
+        assert "404" in p["reason"]
     finally:
         sink.stop()
 
