@@ -116,6 +116,7 @@ struct sg_dlv_dest_s {
     sg_sts_answer_t     *sts;                /* the MTA-STS answer for the
                                                 policy domain, with route */
     sg_sts_req_t        *sts_req;
+    time_t               sts_expires;        /* looked up again after */
 
     ngx_queue_t          waiting;            /* sg_dlv.waiting */
     ngx_uint_t           busy;               /* sg_dlv_dest_run() frames:
@@ -1412,6 +1413,16 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
         return;
     }
 
+    if (dest->sts_expires < ngx_time() && dest->sts_req == NULL) {
+        /*
+         * busy destinations keep their route while sessions walk it; the
+         * policy is looked up again meanwhile (a new id, a new mode)
+         */
+        name = dest->relay ? dest->host : dest->domain;
+        dest->sts_req = sg_sts_lookup(&name, sg_dlv_dest_policy, dest);
+        dest->sts_expires = ngx_time() + SG_DLV_ROUTE_TTL;
+    }
+
     if (dest->sts_req) {
         /* sg_dlv_dest_policy() runs the destination */
         return;
@@ -1473,7 +1484,9 @@ sg_dlv_dest_policy(void *data, sg_sts_answer_t *answer)
     sg_dlv_dest_t  *dest = data;
 
     dest->sts_req = NULL;
+    dest->sts_expires = ngx_time() + SG_DLV_ROUTE_TTL;
 
+    /* sessions read dest->sts only when they decide and record */
     sg_sts_release(dest->sts);
     dest->sts = answer;
 
