@@ -711,6 +711,31 @@ def test_roles(env):
     assert r.status_code == 401
 
 
+def test_bench_counts_cached_decisions(env):
+    """?bench=N (bench/sts_bench.py): N lookups in a row, each a cache
+    hit of the kind asked (memory, or Redis with the TXT id confirmed),
+    each checking the MX (RFC 8461, 4.1); admins only."""
+    env.publish("benchapi.sts.test", txt_id="b1")
+    env.lookup("benchapi.sts.test")
+    body = env.get("benchapi.sts.test", "?bench=200&mx=mx1.example.test")
+    assert body["lookups"] == 200 and body["from"] == "memory"
+    assert body["sources"] == {"memory": 200, "redis": 0, "fetched": 0,
+                               "none": 0}
+    assert body["mx_matched"] == 200 and body["ns_per_lookup"] > 0
+    body = env.get("benchapi.sts.test",
+                   "?bench=5&from=redis&mx=other.example.test")
+    assert body["sources"]["redis"] == 5 and body["mx_matched"] == 0
+    assert env.hosts.requests("benchapi.sts.test") == 1
+    for bad in ("?bench=0", "?bench=1000001", "?bench=x",
+                "?bench=1&from=disk"):
+        r = sgtest.api(env.sg, "GET", POLICY_PATH + "benchapi.sts.test" + bad)
+        assert r.status_code == 422, (bad, r.text)
+    ro = sgtest.create_token(env.sg.pg.conninfo, "sts-bench-ro", "read-only")
+    r = sgtest.api(env.sg, "GET", POLICY_PATH + "benchapi.sts.test?bench=1",
+                   token=ro)
+    assert r.status_code == 403
+
+
 def test_delete_evicts_redis_and_memory(env):
     """DELETE: the Redis keys go, every worker forgets the domain (NOTIFY
     sg_mta_sts), the next lookup fetches again; audited."""
