@@ -10,6 +10,10 @@
  *                                       TXT, fetch as the rules say)
  *          ?refresh=1                   fetch now and say what happened at
  *                                       each step (sg_sts_refresh)
+ *          ?bench=N[&from=redis][&mx=H] N lookups in a row, one at a time,
+ *                                       each checking MX H: the cost of a
+ *                                       cached decision (admin role;
+ *                                       bench/sts_bench.py)
  *   DELETE /mta-sts/policies/{domain}   evict: the Redis keys, then
  *                                       NOTIFY sg_mta_sts '<domain>' (every
  *                                       worker's memory), audited
@@ -31,6 +35,7 @@
 #define NGX_HTTP_SGADMIN_STS_COUNT      "1000"     /* SCAN ... COUNT */
 #define NGX_HTTP_SGADMIN_STS_SCANS_MAX  1000
 #define NGX_HTTP_SGADMIN_STS_KEYS_MAX   10000
+#define NGX_HTTP_SGADMIN_STS_BENCH_MAX  1000000
 
 
 /* GET the policy, DEL the three keys of a domain; {old value, count} */
@@ -63,6 +68,15 @@ typedef struct {
     ngx_uint_t                    scans;
     u_char                        cursor[NGX_INT64_LEN + 1];
 
+    /* ?bench=N */
+    ngx_uint_t                    bench_n;
+    ngx_uint_t                    bench_done;
+    ngx_uint_t                    bench_sources[4];   /* sg_sts_source_e */
+    ngx_uint_t                    bench_matched;
+    ngx_str_t                     bench_mx;
+    struct timespec               bench_start;
+    unsigned                      bench_redis:1;
+
     /* DELETE */
     char                         *old;
     const char                   *redis_err;
@@ -88,6 +102,9 @@ static void ngx_http_sgadmin_sts_got(void *data, redisReply *reply,
 static void ngx_http_sgadmin_sts_memory(ngx_http_sgadmin_sts_t *st,
     const char *err);
 static void ngx_http_sgadmin_sts_answered(void *data,
+    sg_sts_answer_t *answer);
+static void ngx_http_sgadmin_sts_bench(ngx_http_sgadmin_sts_t *st);
+static void ngx_http_sgadmin_sts_bench_answered(void *data,
     sg_sts_answer_t *answer);
 static json_t *ngx_http_sgadmin_sts_answer_json(sg_sts_answer_t *a);
 static json_t *ngx_http_sgadmin_sts_trace_json(sg_sts_trace_t *t);
@@ -487,7 +504,8 @@ ngx_http_sgadmin_sts_get(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
     u_char                  *p;
     ngx_int_t                rc;
     ngx_str_t                arg;
-    ngx_uint_t               i, refresh, lookup;
+    ngx_int_t                n;
+    ngx_uint_t               i, refresh, lookup, bench, from_redis;
     const char              *argv[4];
     size_t                   argvlen[4];
     ngx_http_sgadmin_sts_t  *st;
@@ -497,6 +515,8 @@ ngx_http_sgadmin_sts_get(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
 
     refresh = 0;
     lookup = 0;
+    bench = 0;
+    from_redis = 0;
 
     if (ngx_http_arg(r, (u_char *) "refresh", 7, &arg) == NGX_OK) {
         if (arg.len != 1 || (arg.data[0] != '0' && arg.data[0] != '1')) {
@@ -516,8 +536,53 @@ ngx_http_sgadmin_sts_get(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
         lookup = arg.data[0] - '0';
     }
 
+    if (ngx_http_arg(r, (u_char *) "bench", 5, &arg) == NGX_OK) {
+        n = ngx_atoi(arg.data, arg.len);
+
+        if (n < 1 || n > NGX_HTTP_SGADMIN_STS_BENCH_MAX) {
+            ngx_http_sgadmin_sts_invalid(r, "bench",
+                                         "must be from 1 to 1000000");
+            return;
+        }
+
+        /* it holds a worker busy: admins only */
+        if (ctx->role != NGX_HTTP_SGADMIN_ROLE_ADMIN) {
+            ngx_http_sgadmin_problem(r, NGX_HTTP_FORBIDDEN, "forbidden",
+                                     "?bench needs the admin role", NULL);
+            return;
+        }
+
+        bench = (ngx_uint_t) n;
+
+        if (ngx_http_arg(r, (u_char *) "from", 4, &arg) == NGX_OK) {
+            if (arg.len == 5 && ngx_strncmp(arg.data, "redis", 5) == 0) {
+                from_redis = 1;
+
+            } else if (arg.len != 6
+                       || ngx_strncmp(arg.data, "memory", 6) != 0)
+            {
+                ngx_http_sgadmin_sts_invalid(r, "from",
+                                             "must be memory or redis");
+                return;
+            }
+        }
+    }
+
     st = ngx_http_sgadmin_sts_create(r, ctx, 1);
     if (st == NULL) {
+        return;
+    }
+
+    if (bench) {
+        st->bench_n = bench;
+        st->bench_redis = from_redis;
+
+        if (ngx_http_arg(r, (u_char *) "mx", 2, &arg) == NGX_OK) {
+            st->bench_mx = arg;
+        }
+
+        (void) clock_gettime(CLOCK_MONOTONIC, &st->bench_start);
+        ngx_http_sgadmin_sts_bench(st);
         return;
     }
 
@@ -743,6 +808,94 @@ ngx_http_sgadmin_sts_answered(void *data, sg_sts_answer_t *answer)
     }
 
     ngx_http_sgadmin_send_json(r, NGX_HTTP_OK, body);
+    json_decref(body);
+}
+
+
+/*
+ * ?bench=N: N lookups one after another, each started when the previous
+ * one is answered, as delivery asks them; from=redis makes this worker
+ * forget the domain before each, so that each one reads Redis (and, as
+ * any lookup that takes a policy from Redis, confirms the TXT id).
+ */
+
+static void
+ngx_http_sgadmin_sts_bench(ngx_http_sgadmin_sts_t *st)
+{
+    if (st->bench_redis) {
+        sg_sts_forget(&st->domain);
+    }
+
+    st->sts = sg_sts_lookup(&st->domain, ngx_http_sgadmin_sts_bench_answered,
+                            st);
+
+    if (st->sts == NULL) {
+        ngx_http_sgadmin_problem(st->ctx->request,
+                                 NGX_HTTP_SERVICE_UNAVAILABLE,
+                                 "mta-sts-unavailable",
+                                 "MTA-STS lookups are not available in"
+                                 " this worker (see the error log)", NULL);
+    }
+}
+
+
+static void
+ngx_http_sgadmin_sts_bench_answered(void *data, sg_sts_answer_t *answer)
+{
+    ngx_http_sgadmin_sts_t  *st = data;
+
+    json_t           *body;
+    int64_t           ns;
+    struct timespec   end;
+
+    st->sts = NULL;
+
+    if (answer->source < 4) {
+        st->bench_sources[answer->source]++;
+    }
+
+    /* RFC 8461, 4.1: the decision delivery makes for one MX host */
+    if (st->bench_mx.len && answer->mode != SG_STS_NONE
+        && sg_sts_match_mx(answer, &st->bench_mx))
+    {
+        st->bench_matched++;
+    }
+
+    sg_sts_release(answer);
+
+    if (++st->bench_done < st->bench_n) {
+        ngx_http_sgadmin_sts_bench(st);
+        return;
+    }
+
+    (void) clock_gettime(CLOCK_MONOTONIC, &end);
+
+    ns = (int64_t) (end.tv_sec - st->bench_start.tv_sec) * 1000000000
+         + (end.tv_nsec - st->bench_start.tv_nsec);
+
+    body = json_pack("{s:s%,s:I,s:s,s:I,s:f,s:I,s:{s:I,s:I,s:I,s:I}}",
+                     "domain", (char *) st->domain.data, st->domain.len,
+                     "lookups", (json_int_t) st->bench_n,
+                     "from", st->bench_redis ? "redis" : "memory",
+                     "elapsed_ns", (json_int_t) ns,
+                     "ns_per_lookup", (double) ns / (double) st->bench_n,
+                     "mx_matched", (json_int_t) st->bench_matched,
+                     "sources",
+                     "none", (json_int_t) st->bench_sources[SG_STS_SRC_NONE],
+                     "memory",
+                     (json_int_t) st->bench_sources[SG_STS_SRC_MEMORY],
+                     "redis", (json_int_t) st->bench_sources[SG_STS_SRC_REDIS],
+                     "fetched",
+                     (json_int_t) st->bench_sources[SG_STS_SRC_FETCHED]);
+
+    if (body == NULL) {
+        ngx_http_sgadmin_problem(st->ctx->request,
+                                 NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", "out of memory", NULL);
+        return;
+    }
+
+    ngx_http_sgadmin_send_json(st->ctx->request, NGX_HTTP_OK, body);
     json_decref(body);
 }
 

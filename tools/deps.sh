@@ -21,6 +21,9 @@ PACKAGES=(
     python3 python3-pytest python3-psycopg2 python3-redis python3-requests
     python3-cryptography
     swaks dnsmasq-base
+    # the MTA-STS peer (tests/integration/test_mta_sts_peer.py) and the
+    # benchmark bench/sts_bench.py: mta-sts-query and mta-sts-daemon
+    postfix-mta-sts-resolver
 )
 
 missing=()
