@@ -141,6 +141,8 @@ struct sg_dlv_sess_s {
     ngx_uint_t           policy_fail;        /* refused by a bounce rule */
     unsigned             clear_retry:1;
     unsigned             no_requiretls:1;
+    unsigned             kept:1;             /* client used before: the
+                                                peer may have closed it */
 };
 
 
@@ -1778,6 +1780,7 @@ sg_dlv_sess_opened(void *data, sg_client_t *c, sg_client_info_t *info)
 
     if (info->step == SG_CLIENT_OK) {
         sess->client = c;
+        sess->kept = 0;
         sg_dlv_sess_send(sess);
         return;
     }
@@ -1831,7 +1834,7 @@ sg_dlv_sess_opened(void *data, sg_client_t *c, sg_client_info_t *info)
 static void
 sg_dlv_sess_send(sg_dlv_sess_t *sess)
 {
-    ngx_uint_t         i;
+    ngx_uint_t         i, n;
     sg_dlv_job_t      *job;
     sg_client_txn_t   *txn;
     sg_client_info_t  *info;
@@ -1866,6 +1869,8 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
         goto failed;
     }
 
+    n = 0;
+
     txn->sender = job->sender;
     txn->size = job->size;
     txn->eightbit = job->eightbit;
@@ -1880,13 +1885,21 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
     txn->envid = job->envid;
     txn->body = job->body;
     txn->body_len = job->body_len;
-    txn->nrcpts = job->nrcpts;
+
+    /* the recipients without a result (a 452 leaves some for the next) */
 
     for (i = 0; i < job->nrcpts; i++) {
-        txn->rcpts[i].address = job->rcpts[i].address;
-        txn->rcpts[i].notify = job->rcpts[i].notify;
-        txn->rcpts[i].orcpt = job->rcpts[i].orcpt;
+        if (job->rcpts[i].state != SG_RCPT_PENDING) {
+            continue;
+        }
+
+        txn->rcpts[n].address = job->rcpts[i].address;
+        txn->rcpts[n].notify = job->rcpts[i].notify;
+        txn->rcpts[n].orcpt = job->rcpts[i].orcpt;
+        n++;
     }
+
+    txn->nrcpts = n;
 
     sess->started = sg_dlv_now();
 
@@ -1927,10 +1940,11 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
 {
     sg_dlv_sess_t  *sess = data;
 
-    ngx_uint_t         i, delivered, bounced, dsn_peer;
+    ngx_uint_t         i, k, delivered, bounced, dsn_peer, more;
     const char        *result;
     sg_dlv_job_t      *job;
-    sg_dlv_rcpt_t     *r;
+    sg_dlv_rcpt_t     *r, *first;
+    sg_client_rcpt_t  *tr;
     sg_client_info_t  *info;
     sg_client_reply_t *reply;
 
@@ -1939,19 +1953,69 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
     dsn_peer = info->dsn;
     delivered = 0;
     bounced = 0;
+    more = 0;
+    first = NULL;
 
-    for (i = 0; i < job->nrcpts; i++) {
+    if (sess->kept && txn->step != SG_CLIENT_OK
+        && txn->mail_reply.code == 0 && !txn->data_sent)
+    {
+        /*
+         * the peer closed the kept connection while it was idle, and
+         * its close crossed MAIL FROM: nothing was transacted, so a new
+         * connection to the same address, at once (the client closed
+         * this one)
+         */
+        ngx_log_error(NGX_LOG_INFO, sg_dlv.log, 0,
+                      "sg delivery: %s: the kept connection to %V[%*s] was"
+                      " lost before MAIL FROM was answered (%s); opening"
+                      " a new one", job->id, &sess->host_name,
+                      sess->ip_len, sess->ip,
+                      info->reason ? info->reason : "closed");
+
+        sess->client = NULL;
+        sess->kept = 0;
+        sg_dlv_sess_open(sess);
+        return;
+    }
+
+    /* txn->rcpts are the job's pending recipients, in order */
+
+    for (i = 0, k = 0; i < job->nrcpts && k < txn->nrcpts; i++) {
         r = &job->rcpts[i];
+
+        if (r->address.data != txn->rcpts[k].address.data) {
+            /* it has its result from an earlier transaction */
+            continue;
+        }
+
+        tr = &txn->rcpts[k++];
+
+        if (first == NULL) {
+            first = r;
+        }
 
         if (txn->mail_reply.code && txn->mail_reply.code / 100 != 2) {
             reply = &txn->mail_reply;
 
-        } else if (txn->rcpts[i].accepted && txn->step == SG_CLIENT_OK) {
-            reply = txn->data_reply.code ? &txn->data_reply
-                                         : &txn->rcpts[i].reply;
+        } else if (tr->accepted && txn->step == SG_CLIENT_OK) {
+            reply = txn->data_reply.code ? &txn->data_reply : &tr->reply;
 
-        } else if (txn->rcpts[i].reply.code && !txn->rcpts[i].accepted) {
-            reply = &txn->rcpts[i].reply;
+        } else if (tr->reply.code && !tr->accepted) {
+            reply = &tr->reply;
+
+            if (reply->code == 552) {
+                /*
+                 * RFC 5321, 4.5.3.1.10: 552 to RCPT is RFC 821's "too
+                 * many recipients"; it is treated as 452, temporary
+                 */
+                reply->code = 452;
+
+                if (reply->status[0] == '5') {
+                    reply->status[0] = '4';
+                }
+            }
+
+            more += (reply->code == 452);
 
         } else {
             reply = NULL;
@@ -1977,18 +2041,41 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
     }
 
     result = delivered ? "delivered"
-                       : (bounced == job->nrcpts ? "bounced" : "deferred");
+                       : (bounced == txn->nrcpts ? "bounced" : "deferred");
 
     sg_dlv_attempt(sess, info, result,
                    txn->data_reply.code ? (char *) txn->data_reply.text
                    : (txn->mail_reply.code && txn->mail_reply.code / 100 != 2
                       ? (char *) txn->mail_reply.text
-                      : (job->nrcpts ? (char *) job->rcpts[0].reply : "")));
+                      : (first ? (char *) first->reply : "")));
 
     if (txn->step != SG_CLIENT_OK) {
         /* the client closed the connection */
         sess->client = NULL;
     }
+
+    if (more && delivered && sess->client) {
+        /*
+         * RFC 5321, 4.5.3.1.10: the server took only so many recipients
+         * (452 to the others): those go in a new transaction, now
+         */
+        for (i = 0, k = 0; i < job->nrcpts && k < txn->nrcpts; i++) {
+            if (job->rcpts[i].address.data != txn->rcpts[k].address.data) {
+                continue;
+            }
+
+            tr = &txn->rcpts[k++];
+
+            if (!tr->accepted && tr->reply.code == 452) {
+                job->rcpts[i].state = SG_RCPT_PENDING;
+            }
+        }
+
+        sg_dlv_sess_send(sess);
+        return;
+    }
+
+    sess->kept = (sess->client != NULL);
 
     sg_dlv_job_finish(job);
     sess->job = NULL;
