@@ -237,7 +237,7 @@ static void sg_dlv_sess_close(sg_dlv_sess_t *sess);
 static void sg_dlv_attempt(sg_dlv_sess_t *sess, sg_client_info_t *info,
     const char *result, const char *reply);
 static void sg_dlv_rcpt_reply(sg_dlv_job_t *job, sg_dlv_rcpt_t *r,
-    sg_client_reply_t *reply, ngx_uint_t dsn_peer);
+    sg_client_reply_t *reply, ngx_str_t *remote, ngx_uint_t dsn_peer);
 static void sg_dlv_rcpt_outcome(sg_dlv_job_t *job, sg_dlv_rcpt_t *r,
     ngx_uint_t code, const char *status, const char *text,
     ngx_str_t *remote, ngx_uint_t dsn_peer);
@@ -2032,8 +2032,7 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
                                 &sess->host_name, dsn_peer);
 
         } else {
-            sg_dlv_rcpt_reply(job, r, reply, dsn_peer);
-            r->remote = sess->host_name;
+            sg_dlv_rcpt_reply(job, r, reply, &sess->host_name, dsn_peer);
         }
 
         delivered += (r->state == SG_RCPT_DELIVERED);
@@ -2308,11 +2307,11 @@ sg_dlv_attempt(sg_dlv_sess_t *sess, sg_client_info_t *info,
 
 static void
 sg_dlv_rcpt_reply(sg_dlv_job_t *job, sg_dlv_rcpt_t *r,
-    sg_client_reply_t *reply, ngx_uint_t dsn_peer)
+    sg_client_reply_t *reply, ngx_str_t *remote, ngx_uint_t dsn_peer)
 {
     sg_dlv_rcpt_outcome(job, r, reply->code,
                         reply->status[0] ? (char *) reply->status : NULL,
-                        (char *) reply->text, NULL, dsn_peer);
+                        (char *) reply->text, remote, dsn_peer);
 }
 
 
@@ -2382,7 +2381,17 @@ sg_dlv_rcpt_outcome(sg_dlv_job_t *job, sg_dlv_rcpt_t *r, ngx_uint_t code,
     }
 
     if (remote) {
-        r->remote = *remote;
+        /*
+         * a copy: the host name lives in the destination's DNS answer,
+         * which may be gone when the results are recorded (PostgreSQL
+         * away for a while)
+         */
+        r->remote.data = ngx_pnalloc(job->pool, remote->len);
+        r->remote.len = r->remote.data ? remote->len : 0;
+
+        if (r->remote.data) {
+            ngx_memcpy(r->remote.data, remote->data, remote->len);
+        }
     }
 
     ngx_cpystrn(r->reply, (u_char *) text, sizeof(r->reply));
