@@ -168,6 +168,9 @@ typedef struct {
     ngx_event_t          poll;
     ngx_event_t          lease;
     ngx_connection_t     dummy;
+    ngx_connection_t    *quit;               /* "idle": told when a
+                                                graceful shutdown starts */
+    ngx_socket_t         quit_fd[2];
 
     ngx_array_t         *failures;           /* sg_dlv_failure_t */
     ngx_pool_t          *failures_pool;
@@ -195,6 +198,8 @@ static void sg_dlv_notify(void *data, const char *channel,
     const char *payload);
 static void sg_dlv_failures_notify(void *data, const char *channel,
     const char *payload);
+static ngx_int_t sg_dlv_quit_init(ngx_cycle_t *cycle);
+static void sg_dlv_quit_handler(ngx_event_t *ev);
 static void sg_dlv_poll_handler(ngx_event_t *ev);
 static void sg_dlv_lease_handler(ngx_event_t *ev);
 static void sg_dlv_lease_done(void *data, PGresult *res, const char *err,
@@ -788,6 +793,10 @@ sg_dlv_init_process(ngx_cycle_t *cycle)
     sg_dlv.lease.log = cycle->log;
     sg_dlv.lease.cancelable = 1;
 
+    if (sg_dlv_quit_init(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     sg_dlv.running = 1;
 
     /* the first claim once settings and lists are in */
@@ -802,6 +811,12 @@ static void
 sg_dlv_exit_process(ngx_cycle_t *cycle)
 {
     sg_dlv.running = 0;
+
+    if (sg_dlv.quit) {
+        ngx_close_connection(sg_dlv.quit);
+        sg_dlv.quit = NULL;
+        (void) ngx_close_socket(sg_dlv.quit_fd[1]);
+    }
 
     /* connections still open (idle, saying QUIT) are closed now */
     sg_client_abort_all();
@@ -863,6 +878,63 @@ sg_dlv_failures_notify(void *data, const char *channel, const char *payload)
 }
 
 
+/*
+ * A graceful shutdown (SIGQUIT, a reload) closes the worker's idle
+ * connections at once (ngx_close_idle_connections()): one of a pipe that
+ * nothing is written to stands for this module, so that the jobs not
+ * started go back to the queue at once, not at the next poll.
+ */
+
+static ngx_int_t
+sg_dlv_quit_init(ngx_cycle_t *cycle)
+{
+    ngx_connection_t  *c;
+
+    if (pipe(sg_dlv.quit_fd) == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "sg delivery: pipe() failed");
+        return NGX_ERROR;
+    }
+
+    c = ngx_get_connection(sg_dlv.quit_fd[0], cycle->log);
+    if (c == NULL) {
+        (void) ngx_close_socket(sg_dlv.quit_fd[0]);
+        (void) ngx_close_socket(sg_dlv.quit_fd[1]);
+        return NGX_ERROR;
+    }
+
+    c->idle = 1;
+    c->read->handler = sg_dlv_quit_handler;
+    c->read->log = cycle->log;
+    c->write->log = cycle->log;
+
+    sg_dlv.quit = c;
+
+    return NGX_OK;
+}
+
+
+static void
+sg_dlv_quit_handler(ngx_event_t *ev)
+{
+    ngx_connection_t  *c;
+
+    c = ev->data;
+
+    if (!c->close) {
+        return;
+    }
+
+    sg_dlv.quit = NULL;
+    ngx_close_connection(c);
+    (void) ngx_close_socket(sg_dlv.quit_fd[1]);
+
+    if (ngx_exiting) {
+        sg_dlv_release();
+    }
+}
+
+
 static void
 sg_dlv_poll_handler(ngx_event_t *ev)
 {
@@ -872,6 +944,16 @@ sg_dlv_poll_handler(ngx_event_t *ev)
     }
 
     if (!sg_dlv.running || ngx_terminate) {
+        return;
+    }
+
+    if (sg_lists_current() == NULL || !sg_worker.settings_loaded) {
+        /*
+         * the first claim waits for the settings and lists, soon: the
+         * poll may be long (recipients handed back by a worker that
+         * stopped are due now)
+         */
+        ngx_add_timer(&sg_dlv.poll, 200);
         return;
     }
 
