@@ -3,6 +3,7 @@
  */
 
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "sg_dsn.h"
@@ -56,6 +57,8 @@ static void sg_dsn_crlf(sg_dsn_w_t *w);
 static size_t sg_dsn_eol(const unsigned char *p, const unsigned char *end);
 static int sg_dsn_is_host(const char *s, int literal);
 static int sg_dsn_is_addr(const char *s);
+static int sg_dsn_is_utf8_addr(const char *s);
+static void sg_dsn_put_addr(sg_dsn_w_t *w, const char *addr);
 static int sg_dsn_is_set(const char *s, const char *allowed, size_t max);
 static int sg_dsn_is_status(const char *s, sg_dsn_action_e action);
 static unsigned char sg_dsn_text_char(unsigned char c);
@@ -409,9 +412,8 @@ sg_dsn_check_rcpt(const sg_dsn_rcpt_t *r)
         return "a recipient's action is unknown (RFC 3464, 2.3.3)";
     }
 
-    if (!sg_dsn_is_addr(r->address)) {
-        return "a recipient is not a printable ASCII address (RFC 6533 "
-               "DSNs are not implemented)";
+    if (!sg_dsn_is_addr(r->address) && !sg_dsn_is_utf8_addr(r->address)) {
+        return "a recipient is not a printable address";
     }
 
     if (!sg_dsn_is_status(r->status, r->action)) {
@@ -678,7 +680,7 @@ sg_dsn_text_part(sg_dsn_w_t *w, const sg_dsn_t *dsn,
 
         sg_dsn_crlf(w);
         sg_dsn_puts(w, "<");
-        sg_dsn_puts(w, r->address);
+        sg_dsn_put_addr(w, r->address);
         sg_dsn_puts(w, ">: ");
         sg_dsn_puts(w, sg_dsn_action_name[r->action]);
         sg_dsn_puts(w, ", status ");
@@ -803,9 +805,14 @@ sg_dsn_status_part(sg_dsn_w_t *w, const sg_dsn_t *dsn)
             sg_dsn_field_xtext(w, "Original-Recipient", type, r->orcpt);
         }
 
-        /* RFC 3464, 2.3.2 */
-        sg_dsn_puts(w, "Final-Recipient: rfc822; ");
-        sg_dsn_puts(w, r->address);
+        /*
+         * RFC 3464, 2.3.2; an SMTPUTF8 address (RFC 6531) has RFC 6533's
+         * address type "utf-8", in its 7-bit form (utf-8-addr-xtext, 3)
+         */
+        sg_dsn_puts(w, sg_dsn_is_addr(r->address)
+                       ? "Final-Recipient: rfc822; "
+                       : "Final-Recipient: utf-8; ");
+        sg_dsn_put_addr(w, r->address);
         sg_dsn_crlf(w);
 
         /* RFC 3464, 2.3.3 */
@@ -1139,6 +1146,122 @@ sg_dsn_is_addr(const char *s)
     }
 
     return i <= SG_DSN_ADDR_MAX;
+}
+
+
+/* UTF-8 (RFC 3629), no controls, no "<" ">", some octet not ASCII */
+
+static int
+sg_dsn_is_utf8_addr(const char *s)
+{
+    size_t          i, n, k;
+    unsigned char   c;
+    uint32_t        cp;
+    int             wide;
+
+    if (sg_dsn_empty(s)) {
+        return 0;
+    }
+
+    wide = 0;
+
+    for (i = 0; s[i] != '\0'; i += n) {
+        c = (unsigned char) s[i];
+
+        if (c < 0x80) {
+            if (c < 0x20 || c == 0x7f || c == '<' || c == '>') {
+                return 0;
+            }
+
+            n = 1;
+            continue;
+        }
+
+        if (c >= 0xc2 && c <= 0xdf) {
+            n = 2;
+            cp = c & 0x1f;
+
+        } else if (c >= 0xe0 && c <= 0xef) {
+            n = 3;
+            cp = c & 0x0f;
+
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            n = 4;
+            cp = c & 0x07;
+
+        } else {
+            return 0;
+        }
+
+        for (k = 1; k < n; k++) {
+            c = (unsigned char) s[i + k];
+
+            if ((c & 0xc0) != 0x80) {
+                return 0;
+            }
+
+            cp = (cp << 6) | (c & 0x3f);
+        }
+
+        /* overlong, surrogates, beyond U+10FFFF; C1 controls */
+        if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000)
+            || (cp >= 0xd800 && cp <= 0xdfff) || cp > 0x10ffff
+            || cp < 0xa0)
+        {
+            return 0;
+        }
+
+        wide = 1;
+    }
+
+    return wide && i <= SG_DSN_ADDR_MAX;
+}
+
+
+/*
+ * An address as is when it is printable ASCII; otherwise RFC 6533, 3's
+ * utf-8-addr-xtext: QCHAR as is, anything else as "\x{HEXPOINT}"
+ * (upper-case hex, at least two digits)
+ */
+
+static void
+sg_dsn_put_addr(sg_dsn_w_t *w, const char *addr)
+{
+    size_t          i, n, k;
+    char            hex[16];
+    uint32_t        cp;
+    unsigned char   c;
+
+    if (sg_dsn_is_addr(addr)) {
+        sg_dsn_puts(w, addr);
+        return;
+    }
+
+    for (i = 0; addr[i] != '\0'; i += n) {
+        c = (unsigned char) addr[i];
+
+        if (c < 0x80) {
+            n = 1;
+            cp = c;
+
+            if (c > 0x20 && c < 0x7f && c != '+' && c != '=' && c != '\\') {
+                sg_dsn_put(w, &addr[i], 1);
+                continue;
+            }
+
+        } else {
+            /* checked by sg_dsn_is_utf8_addr() */
+            n = (c >= 0xf0) ? 4 : (c >= 0xe0) ? 3 : 2;
+            cp = c & (0x7f >> n);
+
+            for (k = 1; k < n; k++) {
+                cp = (cp << 6) | ((unsigned char) addr[i + k] & 0x3f);
+            }
+        }
+
+        (void) snprintf(hex, sizeof(hex), "\\x{%02X}", (unsigned) cp);
+        sg_dsn_puts(w, hex);
+    }
 }
 
 

@@ -278,6 +278,9 @@ sg_lists_loaded(void *data, PGresult *res, const char *err,
     if (sg_lists) {
         ngx_destroy_pool(sg_lists->pool);
 
+        ngx_log_debug0(NGX_LOG_DEBUG_CORE, sg_lists_log, 0,
+                       "sg: lists reloaded");
+
     } else {
         ngx_log_error(NGX_LOG_INFO, sg_lists_log, 0, "sg: lists loaded");
     }

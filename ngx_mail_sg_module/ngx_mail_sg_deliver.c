@@ -152,6 +152,8 @@ struct sg_dlv_sess_s {
     unsigned             clear_retry:1;
     unsigned             no_requiretls:1;
     unsigned             sts_mismatch:1;     /* H is not in the policy */
+    unsigned             kept:1;             /* client used before: the
+                                                peer may have closed it */
 };
 
 
@@ -177,6 +179,9 @@ typedef struct {
     ngx_event_t          poll;
     ngx_event_t          lease;
     ngx_connection_t     dummy;
+    ngx_connection_t    *quit;               /* "idle": told when a
+                                                graceful shutdown starts */
+    ngx_socket_t         quit_fd[2];
 
     ngx_array_t         *failures;           /* sg_dlv_failure_t */
     ngx_pool_t          *failures_pool;
@@ -204,6 +209,8 @@ static void sg_dlv_notify(void *data, const char *channel,
     const char *payload);
 static void sg_dlv_failures_notify(void *data, const char *channel,
     const char *payload);
+static ngx_int_t sg_dlv_quit_init(ngx_cycle_t *cycle);
+static void sg_dlv_quit_handler(ngx_event_t *ev);
 static void sg_dlv_poll_handler(ngx_event_t *ev);
 static void sg_dlv_lease_handler(ngx_event_t *ev);
 static void sg_dlv_lease_done(void *data, PGresult *res, const char *err,
@@ -251,7 +258,7 @@ static void sg_dlv_attempt_policy(sg_dlv_sess_t *sess, json_t *row);
 static json_t *sg_dlv_requirements(sg_dlv_sess_t *sess,
     sg_client_info_t *info);
 static void sg_dlv_rcpt_reply(sg_dlv_job_t *job, sg_dlv_rcpt_t *r,
-    sg_client_reply_t *reply, ngx_uint_t dsn_peer);
+    sg_client_reply_t *reply, ngx_str_t *remote, ngx_uint_t dsn_peer);
 static void sg_dlv_rcpt_outcome(sg_dlv_job_t *job, sg_dlv_rcpt_t *r,
     ngx_uint_t code, const char *status, const char *text,
     ngx_str_t *remote, ngx_uint_t dsn_peer);
@@ -836,6 +843,10 @@ sg_dlv_init_process(ngx_cycle_t *cycle)
     sg_dlv.lease.log = cycle->log;
     sg_dlv.lease.cancelable = 1;
 
+    if (sg_dlv_quit_init(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     sg_dlv.running = 1;
 
     /* the first claim once settings and lists are in */
@@ -850,6 +861,12 @@ static void
 sg_dlv_exit_process(ngx_cycle_t *cycle)
 {
     sg_dlv.running = 0;
+
+    if (sg_dlv.quit) {
+        ngx_close_connection(sg_dlv.quit);
+        sg_dlv.quit = NULL;
+        (void) ngx_close_socket(sg_dlv.quit_fd[1]);
+    }
 
     /* connections still open (idle, saying QUIT) are closed now */
     sg_client_abort_all();
@@ -911,6 +928,63 @@ sg_dlv_failures_notify(void *data, const char *channel, const char *payload)
 }
 
 
+/*
+ * A graceful shutdown (SIGQUIT, a reload) closes the worker's idle
+ * connections at once (ngx_close_idle_connections()): one of a pipe that
+ * nothing is written to stands for this module, so that the jobs not
+ * started go back to the queue at once, not at the next poll.
+ */
+
+static ngx_int_t
+sg_dlv_quit_init(ngx_cycle_t *cycle)
+{
+    ngx_connection_t  *c;
+
+    if (pipe(sg_dlv.quit_fd) == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "sg delivery: pipe() failed");
+        return NGX_ERROR;
+    }
+
+    c = ngx_get_connection(sg_dlv.quit_fd[0], cycle->log);
+    if (c == NULL) {
+        (void) ngx_close_socket(sg_dlv.quit_fd[0]);
+        (void) ngx_close_socket(sg_dlv.quit_fd[1]);
+        return NGX_ERROR;
+    }
+
+    c->idle = 1;
+    c->read->handler = sg_dlv_quit_handler;
+    c->read->log = cycle->log;
+    c->write->log = cycle->log;
+
+    sg_dlv.quit = c;
+
+    return NGX_OK;
+}
+
+
+static void
+sg_dlv_quit_handler(ngx_event_t *ev)
+{
+    ngx_connection_t  *c;
+
+    c = ev->data;
+
+    if (!c->close) {
+        return;
+    }
+
+    sg_dlv.quit = NULL;
+    ngx_close_connection(c);
+    (void) ngx_close_socket(sg_dlv.quit_fd[1]);
+
+    if (ngx_exiting) {
+        sg_dlv_release();
+    }
+}
+
+
 static void
 sg_dlv_poll_handler(ngx_event_t *ev)
 {
@@ -920,6 +994,16 @@ sg_dlv_poll_handler(ngx_event_t *ev)
     }
 
     if (!sg_dlv.running || ngx_terminate) {
+        return;
+    }
+
+    if (sg_lists_current() == NULL || !sg_worker.settings_loaded) {
+        /*
+         * the first claim waits for the settings and lists, soon: the
+         * poll may be long (recipients handed back by a worker that
+         * stopped are due now)
+         */
+        ngx_add_timer(&sg_dlv.poll, 200);
         return;
     }
 
@@ -1935,6 +2019,7 @@ sg_dlv_sess_opened(void *data, sg_client_t *c, sg_client_info_t *info)
 
     if (info->step == SG_CLIENT_OK) {
         sess->client = c;
+        sess->kept = 0;
         sg_dlv_sess_send(sess);
         return;
     }
@@ -1991,7 +2076,7 @@ sg_dlv_sess_opened(void *data, sg_client_t *c, sg_client_info_t *info)
 static void
 sg_dlv_sess_send(sg_dlv_sess_t *sess)
 {
-    ngx_uint_t         i;
+    ngx_uint_t         i, n;
     sg_dlv_job_t      *job;
     sg_client_txn_t   *txn;
     sg_client_info_t  *info;
@@ -2026,6 +2111,8 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
         goto failed;
     }
 
+    n = 0;
+
     txn->sender = job->sender;
     txn->size = job->size;
     txn->eightbit = job->eightbit;
@@ -2042,13 +2129,21 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
     txn->envid = job->envid;
     txn->body = job->body;
     txn->body_len = job->body_len;
-    txn->nrcpts = job->nrcpts;
+
+    /* the recipients without a result (a 452 leaves some for the next) */
 
     for (i = 0; i < job->nrcpts; i++) {
-        txn->rcpts[i].address = job->rcpts[i].address;
-        txn->rcpts[i].notify = job->rcpts[i].notify;
-        txn->rcpts[i].orcpt = job->rcpts[i].orcpt;
+        if (job->rcpts[i].state != SG_RCPT_PENDING) {
+            continue;
+        }
+
+        txn->rcpts[n].address = job->rcpts[i].address;
+        txn->rcpts[n].notify = job->rcpts[i].notify;
+        txn->rcpts[n].orcpt = job->rcpts[i].orcpt;
+        n++;
     }
+
+    txn->nrcpts = n;
 
     sess->started = sg_dlv_now();
 
@@ -2089,10 +2184,11 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
 {
     sg_dlv_sess_t  *sess = data;
 
-    ngx_uint_t         i, delivered, bounced, dsn_peer;
+    ngx_uint_t         i, k, delivered, bounced, dsn_peer, more;
     const char        *result;
     sg_dlv_job_t      *job;
-    sg_dlv_rcpt_t     *r;
+    sg_dlv_rcpt_t     *r, *first;
+    sg_client_rcpt_t  *tr;
     sg_client_info_t  *info;
     sg_client_reply_t *reply;
 
@@ -2101,19 +2197,69 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
     dsn_peer = info->dsn;
     delivered = 0;
     bounced = 0;
+    more = 0;
+    first = NULL;
 
-    for (i = 0; i < job->nrcpts; i++) {
+    if (sess->kept && txn->step != SG_CLIENT_OK
+        && txn->mail_reply.code == 0 && !txn->data_sent)
+    {
+        /*
+         * the peer closed the kept connection while it was idle, and
+         * its close crossed MAIL FROM: nothing was transacted, so a new
+         * connection to the same address, at once (the client closed
+         * this one)
+         */
+        ngx_log_error(NGX_LOG_INFO, sg_dlv.log, 0,
+                      "sg delivery: %s: the kept connection to %V[%*s] was"
+                      " lost before MAIL FROM was answered (%s); opening"
+                      " a new one", job->id, &sess->host_name,
+                      sess->ip_len, sess->ip,
+                      info->reason ? info->reason : "closed");
+
+        sess->client = NULL;
+        sess->kept = 0;
+        sg_dlv_sess_open(sess);
+        return;
+    }
+
+    /* txn->rcpts are the job's pending recipients, in order */
+
+    for (i = 0, k = 0; i < job->nrcpts && k < txn->nrcpts; i++) {
         r = &job->rcpts[i];
+
+        if (r->address.data != txn->rcpts[k].address.data) {
+            /* it has its result from an earlier transaction */
+            continue;
+        }
+
+        tr = &txn->rcpts[k++];
+
+        if (first == NULL) {
+            first = r;
+        }
 
         if (txn->mail_reply.code && txn->mail_reply.code / 100 != 2) {
             reply = &txn->mail_reply;
 
-        } else if (txn->rcpts[i].accepted && txn->step == SG_CLIENT_OK) {
-            reply = txn->data_reply.code ? &txn->data_reply
-                                         : &txn->rcpts[i].reply;
+        } else if (tr->accepted && txn->step == SG_CLIENT_OK) {
+            reply = txn->data_reply.code ? &txn->data_reply : &tr->reply;
 
-        } else if (txn->rcpts[i].reply.code && !txn->rcpts[i].accepted) {
-            reply = &txn->rcpts[i].reply;
+        } else if (tr->reply.code && !tr->accepted) {
+            reply = &tr->reply;
+
+            if (reply->code == 552) {
+                /*
+                 * RFC 5321, 4.5.3.1.10: 552 to RCPT is RFC 821's "too
+                 * many recipients"; it is treated as 452, temporary
+                 */
+                reply->code = 452;
+
+                if (reply->status[0] == '5') {
+                    reply->status[0] = '4';
+                }
+            }
+
+            more += (reply->code == 452);
 
         } else {
             reply = NULL;
@@ -2130,8 +2276,7 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
                                 &sess->host_name, dsn_peer);
 
         } else {
-            sg_dlv_rcpt_reply(job, r, reply, dsn_peer);
-            r->remote = sess->host_name;
+            sg_dlv_rcpt_reply(job, r, reply, &sess->host_name, dsn_peer);
         }
 
         delivered += (r->state == SG_RCPT_DELIVERED);
@@ -2139,18 +2284,41 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
     }
 
     result = delivered ? "delivered"
-                       : (bounced == job->nrcpts ? "bounced" : "deferred");
+                       : (bounced == txn->nrcpts ? "bounced" : "deferred");
 
     sg_dlv_attempt(sess, info, result,
                    txn->data_reply.code ? (char *) txn->data_reply.text
                    : (txn->mail_reply.code && txn->mail_reply.code / 100 != 2
                       ? (char *) txn->mail_reply.text
-                      : (job->nrcpts ? (char *) job->rcpts[0].reply : "")));
+                      : (first ? (char *) first->reply : "")));
 
     if (txn->step != SG_CLIENT_OK) {
         /* the client closed the connection */
         sess->client = NULL;
     }
+
+    if (more && delivered && sess->client) {
+        /*
+         * RFC 5321, 4.5.3.1.10: the server took only so many recipients
+         * (452 to the others): those go in a new transaction, now
+         */
+        for (i = 0, k = 0; i < job->nrcpts && k < txn->nrcpts; i++) {
+            if (job->rcpts[i].address.data != txn->rcpts[k].address.data) {
+                continue;
+            }
+
+            tr = &txn->rcpts[k++];
+
+            if (!tr->accepted && tr->reply.code == 452) {
+                job->rcpts[i].state = SG_RCPT_PENDING;
+            }
+        }
+
+        sg_dlv_sess_send(sess);
+        return;
+    }
+
+    sess->kept = (sess->client != NULL);
 
     sg_dlv_job_finish(job);
     sess->job = NULL;
@@ -2542,11 +2710,11 @@ sg_dlv_requirements(sg_dlv_sess_t *sess, sg_client_info_t *info)
 
 static void
 sg_dlv_rcpt_reply(sg_dlv_job_t *job, sg_dlv_rcpt_t *r,
-    sg_client_reply_t *reply, ngx_uint_t dsn_peer)
+    sg_client_reply_t *reply, ngx_str_t *remote, ngx_uint_t dsn_peer)
 {
     sg_dlv_rcpt_outcome(job, r, reply->code,
                         reply->status[0] ? (char *) reply->status : NULL,
-                        (char *) reply->text, NULL, dsn_peer);
+                        (char *) reply->text, remote, dsn_peer);
 }
 
 
@@ -2616,7 +2784,17 @@ sg_dlv_rcpt_outcome(sg_dlv_job_t *job, sg_dlv_rcpt_t *r, ngx_uint_t code,
     }
 
     if (remote) {
-        r->remote = *remote;
+        /*
+         * a copy: the host name lives in the destination's DNS answer,
+         * which may be gone when the results are recorded (PostgreSQL
+         * away for a while)
+         */
+        r->remote.data = ngx_pnalloc(job->pool, remote->len);
+        r->remote.len = r->remote.data ? remote->len : 0;
+
+        if (r->remote.data) {
+            ngx_memcpy(r->remote.data, remote->data, remote->len);
+        }
     }
 
     ngx_cpystrn(r->reply, (u_char *) text, sizeof(r->reply));

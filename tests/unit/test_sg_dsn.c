@@ -743,6 +743,40 @@ test_hostile(void)
 
 
 static void
+test_utf8_address(void)
+{
+    t_buf_t          b;
+    sg_dsn_t         d;
+    sg_dsn_rc_e      rc;
+    sg_dsn_result_t  res;
+
+    t_init(&d, &t_rcpt, 1);
+    t_rcpt.address = "j\xc3\xb6rg+x=\xe4\xb8\xad@example.com";
+
+    rc = t_build(&d, &b, &res);
+    CHECK(rc == SG_DSN_OK && res.reported == 1,
+          "RFC 6533 3 a DSN for an SMTPUTF8 recipient is built");
+
+    if (rc != SG_DSN_OK) {
+        free(b.data);
+        return;
+    }
+
+    CHECK(strstr(b.data, "Final-Recipient: utf-8; "
+                 "j\\x{F6}rg\\x{2B}x\\x{3D}\\x{4E2D}@example.com\r\n")
+          != NULL,
+          "RFC 6533 3 Final-Recipient of type utf-8 in utf-8-addr-xtext");
+    CHECK(strstr(b.data, "<j\\x{F6}rg\\x{2B}x\\x{3D}\\x{4E2D}@example.com>")
+          != NULL,
+          "RFC 6533 3 the text part names the recipient in 7 bits");
+    CHECK(strstr(b.data, "j\xc3\xb6rg") == NULL,
+          "RFC 3464 2 no 8-bit address in a us-ascii part");
+
+    free(b.data);
+}
+
+
+static void
 test_invalid(void)
 {
     sg_dsn_t         d;
@@ -759,9 +793,14 @@ test_invalid(void)
           "RFC 3464 2.3.4 a delayed recipient has a 4.x.x status");
 
     t_init(&d, &t_rcpt, 1);
-    t_rcpt.address = "b\xc3\xb6" "b@example.com";
+    t_rcpt.address = "b\xc3\xb6" "b\xff@example.com";
     CHECK(sg_dsn_build(&d, NULL, 0, &res) == SG_DSN_ERR_INVALID,
-          "RFC 6533 3 a UTF-8 address is refused, not mangled");
+          "RFC 3629 an address that is not UTF-8 is refused, not mangled");
+
+    t_init(&d, &t_rcpt, 1);
+    t_rcpt.address = "b\xc2\x85" "b@example.com";
+    CHECK(sg_dsn_build(&d, NULL, 0, &res) == SG_DSN_ERR_INVALID,
+          "RFC 6531 3.3 a C1 control in an address is refused");
 
     t_init(&d, &t_rcpt, 1);
     d.boundary = "has space";
@@ -1060,6 +1099,7 @@ main(void)
     test_headers_only();
     test_delayed();
     test_hostile();
+    test_utf8_address();
     test_invalid();
     test_date();
     test_corpus();
