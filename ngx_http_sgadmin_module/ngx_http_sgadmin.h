@@ -210,5 +210,9 @@ void ngx_http_sgadmin_sts_get(ngx_http_request_t *r,
 void ngx_http_sgadmin_sts_delete(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 
+/* ngx_http_sgadmin_metrics.c: GET /metrics, Prometheus text format */
+void ngx_http_sgadmin_metrics(ngx_http_request_t *r,
+    ngx_http_sgadmin_ctx_t *ctx);
+
 
 #endif /* _NGX_HTTP_SGADMIN_H_INCLUDED_ */

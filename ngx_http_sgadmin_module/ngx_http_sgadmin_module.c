@@ -16,6 +16,9 @@
 
 
 static ngx_int_t ngx_http_sgadmin_handler(ngx_http_request_t *r);
+static const ngx_http_sgadmin_route_t *ngx_http_sgadmin_route(
+    ngx_http_request_t *r, const ngx_http_sgadmin_route_t *routes,
+    ngx_str_t *path, ngx_str_t *param, ngx_uint_t *path_found);
 static ngx_uint_t ngx_http_sgadmin_match(const ngx_str_t *pattern,
     ngx_str_t *path, ngx_str_t *param);
 static void ngx_http_sgadmin_body_handler(ngx_http_request_t *r);
@@ -163,6 +166,17 @@ static const ngx_http_sgadmin_route_t  ngx_http_sgadmin_routes[] = {
 };
 
 
+/* outside /api/v1: the path is the whole URI */
+
+static const ngx_http_sgadmin_route_t  ngx_http_sgadmin_root_routes[] = {
+
+    { NGX_HTTP_GET, ngx_string("/metrics"), NGX_HTTP_SGADMIN_ROLE_READ,
+      ngx_http_sgadmin_metrics },
+
+    { 0, ngx_null_string, 0, NULL }
+};
+
+
 static ngx_command_t  ngx_http_sgadmin_commands[] = {
 
     { ngx_string("sgadmin"),
@@ -263,30 +277,23 @@ ngx_http_sgadmin_handler(ngx_http_request_t *r)
     }
 
     path_found = 0;
-    route = NULL;
 
-    if (r->uri.len >= sizeof(NGX_HTTP_SGADMIN_PREFIX) - 1
+    route = ngx_http_sgadmin_route(r, ngx_http_sgadmin_root_routes, &r->uri,
+                                   &ctx->param, &path_found);
+
+    if (route == NULL
+        && r->uri.len >= sizeof(NGX_HTTP_SGADMIN_PREFIX) - 1
         && ngx_strncmp(r->uri.data, NGX_HTTP_SGADMIN_PREFIX,
                        sizeof(NGX_HTTP_SGADMIN_PREFIX) - 1) == 0)
     {
         path.data = r->uri.data + sizeof(NGX_HTTP_SGADMIN_PREFIX) - 1;
         path.len = r->uri.len - (sizeof(NGX_HTTP_SGADMIN_PREFIX) - 1);
 
-        for (route = ngx_http_sgadmin_routes; route->handler; route++) {
-            if (ngx_http_sgadmin_match(&route->path, &path, &ctx->param)) {
-                path_found = 1;
-
-                if (route->method == r->method
-                    || (route->method == NGX_HTTP_GET
-                        && r->method == NGX_HTTP_HEAD))
-                {
-                    break;
-                }
-            }
-        }
+        route = ngx_http_sgadmin_route(r, ngx_http_sgadmin_routes, &path,
+                                       &ctx->param, &path_found);
     }
 
-    if (route == NULL || route->handler == NULL) {
+    if (route == NULL) {
 
         if (ngx_http_discard_request_body(r) != NGX_OK) {
             r->keepalive = 0;
@@ -378,6 +385,35 @@ ngx_http_sgadmin_handler(ngx_http_request_t *r)
     ngx_http_sgadmin_authenticate(r, ctx);
 
     return NGX_DONE;
+}
+
+
+/*
+ * The route of the path and the request's method (HEAD as GET), or NULL;
+ * path_found is set when some route has the path.
+ */
+
+static const ngx_http_sgadmin_route_t *
+ngx_http_sgadmin_route(ngx_http_request_t *r,
+    const ngx_http_sgadmin_route_t *routes, ngx_str_t *path, ngx_str_t *param,
+    ngx_uint_t *path_found)
+{
+    const ngx_http_sgadmin_route_t  *route;
+
+    for (route = routes; route->handler; route++) {
+        if (ngx_http_sgadmin_match(&route->path, path, param)) {
+            *path_found = 1;
+
+            if (route->method == r->method
+                || (route->method == NGX_HTTP_GET
+                    && r->method == NGX_HTTP_HEAD))
+            {
+                return route;
+            }
+        }
+    }
+
+    return NULL;
 }
 
 
