@@ -80,6 +80,16 @@ def flagged_send(W, rcpt, **kw):
     return send(W, rcpt, starttls=True, mail_options=["REQUIRETLS"], **kw)
 
 
+def metric(W, line_start):
+    """A value from GET /metrics (issue 6, item 6)."""
+    r = api(W.inst, "GET", "/metrics")
+    assert r.status_code == 200, r.text
+    for line in r.text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split(" ")[-1])
+    raise AssertionError("%s not in /metrics:\n%s" % (line_start, r.text))
+
+
 def bounce_of(W, qid):
     e = wait_final(W, qid)
     assert all(r["state"] == "bounced" for r in e["recipients"]), e
@@ -362,6 +372,7 @@ def test_requiretls_to_postfix_bounces_5_7_30_headers_only(W, hosts):
         W.mx(dom, ("mx." + dom, pf.host, 10))
         publish(W, hosts, dom)
         body = "Subject: secret\r\n\r\nthe secret body text\r\n"
+        bounced = metric(W, 'sg_requiretls_bounces_total{status="5.7.30"}')
         qid = send(W, "jo@" + dom, starttls=True,
                    mail_options=["REQUIRETLS", "RET=FULL"],
                    msg="From: alice@sender.test\r\nTo: jo@%s\r\n%s"
@@ -369,6 +380,8 @@ def test_requiretls_to_postfix_bounces_5_7_30_headers_only(W, hosts):
         e = bounce_of(W, qid)
         r = e["recipients"][0]
         assert r["dsn_status"] == "5.7.30"
+        assert metric(W, 'sg_requiretls_bounces_total{status="5.7.30"}') \
+            == bounced + 1
         assert "mx.%s" % dom in r["last_reply"]
         assert "REQUIRETLS" in r["last_reply"]
         assert e["attempts"][-1]["requirements"]["requiretls_offered"] \
@@ -571,6 +584,7 @@ def test_requiretls_each_flag_source(W, hosts, source):
     try:
         W.sink_mx(sink, dom)
         publish(W, hosts, dom)
+        delivered = metric(W, "sg_requiretls_deliveries_total")
         if source == "parameter":
             qid = flagged_send(W, "ned@" + dom)
             want = ["parameter"]
@@ -595,6 +609,7 @@ def test_requiretls_each_flag_source(W, hosts, source):
         assert txn.mail_line.upper().endswith(" REQUIRETLS")
         assert [r.address for r in txn.rcpts] == ["ned@" + dom]
         assert txn.tls
+        assert metric(W, "sg_requiretls_deliveries_total") == delivered + 1
     finally:
         if rule is not None:
             api(W.inst, "DELETE", "/api/v1/content-filter/rules/%d" % rule)
