@@ -464,6 +464,65 @@ def test_system_store_and_trusted_ca_both_used(env):
     assert "sg_trusted_ca" not in log
 
 
+def test_policy_host_with_only_tls_1_1_is_refused(env):
+    """RFC 8461, 3.3 (RFC-NOTES: TLS >= 1.2): a policy host that speaks
+    only TLS 1.1 gets no policy fetched from it: the handshake fails,
+    no request is sent, and the lookup says sts-policy-fetch-error or
+    sts-webpki-invalid, never a policy."""
+    import socket
+    import ssl
+
+    domain = "tls11.sts.test"
+    cert, key = env.ca.issue(["mta-sts." + domain])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ctx.load_cert_chain(cert, key)
+    ip = loopback_host(443)
+    srv = socket.create_server((ip, 443))
+    srv.settimeout(0.5)
+    seen = {"hello": 0, "request": b""}
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    first = conn.recv(5, socket.MSG_PEEK)
+                    seen["hello"] += (first[:1] == b"\x16")
+                    with ctx.wrap_socket(conn, server_side=True) as tls:
+                        seen["request"] += tls.recv(4096)
+                except (OSError, ssl.SSLError):
+                    pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        env.set_txt(domain, ["v=STSv1; id=t11"], reload=False)
+        env.records["hosts"]["mta-sts." + domain] = [ip]
+        env.dns.reload(env.records)
+        body = env.refresh(domain)
+        h = steps(body)["https"]
+        assert not h["ok"], h
+        assert body["policy"] is None
+        assert body["result_type"] in ("sts-policy-fetch-error",
+                                       "sts-webpki-invalid")
+        assert seen["hello"] >= 1          # the client did try TLS
+        assert seen["request"] == b""      # and sent no request in it
+    finally:
+        stop.set()
+        srv.close()
+        t.join(5)
+
+
 # ------------------------------------------------------------ HTTP, 3.3
 
 
