@@ -510,6 +510,18 @@ static sg_dlv_worker_t  sg_dlv;
     " WHERE id = ANY($1::bigint[]) AND state = 'delivering'"                 \
     " AND claimed_by = $2"
 
+/* the hot statements are prepared once per PostgreSQL connection */
+static sg_pg_stmt_t  sg_dlv_claim_stmt =
+    SG_PG_STMT("sg_dlv_claim", SG_DLV_CLAIM_SQL);
+static sg_pg_stmt_t  sg_dlv_lease_stmt =
+    SG_PG_STMT("sg_dlv_lease", SG_DLV_LEASE_SQL);
+static sg_pg_stmt_t  sg_dlv_body_stmt =
+    SG_PG_STMT("sg_dlv_body", SG_DLV_BODY_SQL);
+static sg_pg_stmt_t  sg_dlv_record_stmt =
+    SG_PG_STMT("sg_dlv_record", SG_DLV_RECORD_SQL);
+static sg_pg_stmt_t  sg_dlv_release_stmt =
+    SG_PG_STMT("sg_dlv_release", SG_DLV_RELEASE_SQL);
+
 /*
  * Messages with a DSN due: a final outcome to report and nothing pending,
  * or a delay to report ($1: the delay-notice age in seconds).
@@ -899,8 +911,8 @@ sg_dlv_lease_handler(ngx_event_t *ev)
     params[0] = sg_dlv.worker_id;
     params[1] = sg_dlv.lease_param;
 
-    (void) sg_pg_query(sg_worker.pg, SG_DLV_LEASE_SQL, 2, params,
-                       sg_dlv_lease_done, NULL);
+    (void) sg_pg_exec(sg_worker.pg, &sg_dlv_lease_stmt, 2, params,
+                      sg_dlv_lease_done, NULL);
 
     ngx_add_timer(&sg_dlv.lease, sg_dlv.conf->lease / 3);
 }
@@ -961,8 +973,8 @@ sg_dlv_claim(void)
     params[1] = sg_dlv.worker_id;
     params[2] = sg_dlv.lease_param;
 
-    if (sg_pg_query(sg_worker.pg, SG_DLV_CLAIM_SQL, 3, params,
-                    sg_dlv_claimed, NULL)
+    if (sg_pg_exec(sg_worker.pg, &sg_dlv_claim_stmt, 3, params,
+                   sg_dlv_claimed, NULL)
         != NGX_OK)
     {
         return;
@@ -1535,8 +1547,8 @@ sg_dlv_sess_body(sg_dlv_sess_t *sess)
     param.len = 16;
     param.binary = 0;
 
-    if (sg_pg_query_binary(sg_worker.pg, SG_DLV_BODY_SQL, 1, &param,
-                           sg_dlv_body_loaded, sess)
+    if (sg_pg_exec_binary(sg_worker.pg, &sg_dlv_body_stmt, 1, &param,
+                          sg_dlv_body_loaded, sess)
         != NGX_OK)
     {
         /* PostgreSQL is away: the claim is released by the lease */
@@ -2442,8 +2454,8 @@ sg_dlv_job_record(sg_dlv_job_t *job)
     params[2] = (char *) job->id;
     params[3] = aj;
 
-    i = (sg_pg_query(sg_worker.pg, SG_DLV_RECORD_SQL, 4, params,
-                     sg_dlv_job_recorded, job)
+    i = (sg_pg_exec(sg_worker.pg, &sg_dlv_record_stmt, 4, params,
+                    sg_dlv_job_recorded, job)
          == NGX_OK);
 
     free(rj);
@@ -2628,8 +2640,8 @@ sg_dlv_release(void)
                   "sg delivery: shutting down, %ui waiting recipients go"
                   " back to the queue", n);
 
-    (void) sg_pg_query(sg_worker.pg, SG_DLV_RELEASE_SQL, 2, params,
-                       sg_dlv_released, NULL);
+    (void) sg_pg_exec(sg_worker.pg, &sg_dlv_release_stmt, 2, params,
+                      sg_dlv_released, NULL);
 
     ngx_free(ids);
 }
