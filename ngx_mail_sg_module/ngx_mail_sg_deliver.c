@@ -470,7 +470,12 @@ static sg_dlv_worker_t  sg_dlv;
 #define SG_DLV_BODY_SQL                                                      \
     "SELECT body FROM messages WHERE id = $1"
 
-/* $1 recipients (json), $2 worker, $3 message id, $4 attempts (json) */
+/*
+ * $1 recipients (json), $2 worker, $3 message id, $4 attempts (json),
+ * $5 the recipients' ids (bigint[]): json_to_recordset() is estimated at
+ * 100 rows, and without the ids the planner reads every recipient being
+ * delivered (recipients_lease) instead of these few (the primary key)
+ */
 #define SG_DLV_RECORD_SQL                                                    \
     "WITH r AS (SELECT * FROM json_to_recordset($1::json) AS x(id bigint,"   \
     "  state text, reply text, status text, action text, remote text,"       \
@@ -483,7 +488,8 @@ static sg_dlv_worker_t  sg_dlv;
     "  final_at = CASE WHEN r.state = 'deferred' THEN NULL ELSE now() END,"  \
     "  dsn_status = r.status, dsn_action = r.action,"                        \
     "  dsn_remote_mta = r.remote, dsn_due = r.dsn_due"                       \
-    "  FROM r WHERE t.id = r.id AND t.state = 'delivering'"                  \
+    "  FROM r WHERE t.id = ANY($5::bigint[]) AND t.id = r.id"                \
+    "  AND t.state = 'delivering'"                                           \
     "  AND t.claimed_by = $2 RETURNING t.id),"                               \
     " a AS (INSERT INTO delivery_attempts (message_id, recipients,"          \
     "  started_at, ended_at, destination, mx_host, ip, port, tls_level,"     \
@@ -2405,21 +2411,33 @@ static void
 sg_dlv_job_record(sg_dlv_job_t *job)
 {
     char           *rj, *aj;
+    u_char         *ids, *p, *last;
     json_t         *rows, *row;
     ngx_uint_t      i;
-    const char     *params[4];
+    const char     *params[5];
     sg_dlv_rcpt_t  *r;
 
     static const char  *states[] = { "deferred", "delivered", "deferred",
                                      "bounced" };
+
+    ids = ngx_pnalloc(job->pool, job->nrcpts * (NGX_INT64_LEN + 1) + 3);
+    if (ids == NULL) {
+        goto retry;
+    }
 
     rows = json_array();
     if (rows == NULL) {
         goto retry;
     }
 
+    p = ids;
+    last = ids + job->nrcpts * (NGX_INT64_LEN + 1) + 3;
+    *p++ = '{';
+
     for (i = 0; i < job->nrcpts; i++) {
         r = &job->rcpts[i];
+
+        p = ngx_slprintf(p, last, "%s%L", i ? "," : "", r->id);
 
         row = json_pack("{s:I, s:s, s:s, s:s, s:s?, s:s%, s:I, s:b}",
                         "id", (json_int_t) r->id,
@@ -2439,6 +2457,8 @@ sg_dlv_job_record(sg_dlv_job_t *job)
         }
     }
 
+    p = ngx_slprintf(p, last, "}%Z");
+
     rj = json_dumps(rows, JSON_COMPACT);
     aj = json_dumps(job->attempts, JSON_COMPACT);
     json_decref(rows);
@@ -2453,8 +2473,9 @@ sg_dlv_job_record(sg_dlv_job_t *job)
     params[1] = sg_dlv.worker_id;
     params[2] = (char *) job->id;
     params[3] = aj;
+    params[4] = (char *) ids;
 
-    i = (sg_pg_exec(sg_worker.pg, &sg_dlv_record_stmt, 4, params,
+    i = (sg_pg_exec(sg_worker.pg, &sg_dlv_record_stmt, 5, params,
                     sg_dlv_job_recorded, job)
          == NGX_OK);
 
