@@ -472,9 +472,12 @@ static sg_dlv_worker_t  sg_dlv;
 
 /*
  * $1 recipients (json), $2 worker, $3 message id, $4 attempts (json),
- * $5 the recipients' ids (bigint[]): json_to_recordset() is estimated at
- * 100 rows, and without the ids the planner reads every recipient being
- * delivered (recipients_lease) instead of these few (the primary key)
+ * $5 the recipients' ids (bigint[]).  json_to_recordset() is estimated at
+ * 100 rows: without the ids, or with "state = 'delivering'" in the WHERE
+ * (which makes the partial index recipients_lease usable), the planner
+ * read every recipient being delivered instead of these few through the
+ * primary key.  claimed_by = $2 implies state = 'delivering'
+ * (sql/010_queue_performance.sql, recipients_claim_delivering).
  */
 #define SG_DLV_RECORD_SQL                                                    \
     "WITH r AS (SELECT * FROM json_to_recordset($1::json) AS x(id bigint,"   \
@@ -489,7 +492,6 @@ static sg_dlv_worker_t  sg_dlv;
     "  dsn_status = r.status, dsn_action = r.action,"                        \
     "  dsn_remote_mta = r.remote, dsn_due = r.dsn_due"                       \
     "  FROM r WHERE t.id = ANY($5::bigint[]) AND t.id = r.id"                \
-    "  AND t.state = 'delivering'"                                           \
     "  AND t.claimed_by = $2 RETURNING t.id),"                               \
     " a AS (INSERT INTO delivery_attempts (message_id, recipients,"          \
     "  started_at, ended_at, destination, mx_host, ip, port, tls_level,"     \
