@@ -34,6 +34,7 @@
 #define SG_DLV_FAILURE_KEY      "sg:tls-failure:"
 #define SG_DLV_RECORD_RETRY     1000     /* ms between tries to record */
 #define SG_DLV_DSN_BATCH        20
+#define SG_DLV_CLAIM_BODY_MAX   32768    /* octets: bodies claimed along */
 
 
 typedef struct sg_dlv_dest_s  sg_dlv_dest_t;
@@ -198,6 +199,8 @@ static void sg_dlv_lease_handler(ngx_event_t *ev);
 static void sg_dlv_lease_done(void *data, PGresult *res, const char *err,
     const char *sqlstate);
 static void sg_dlv_claim(void);
+static ngx_int_t sg_dlv_claimed_body(sg_dlv_job_t *job, PGresult *res,
+    int row, int col);
 static void sg_dlv_claimed(void *data, PGresult *res, const char *err,
     const char *sqlstate);
 static sg_dlv_dest_t *sg_dlv_dest_for(ngx_str_t *domain,
@@ -436,7 +439,11 @@ static sg_dlv_worker_t  sg_dlv;
 
 
 /*
- * Claim: due recipients, oldest first, with their message's envelope.
+ * Claim: due recipients, oldest first, with their message's envelope, and
+ * the body of a small message on the first row of each message and
+ * domain (a job): one statement instead of one per job; a larger body is
+ * loaded when its session starts (sg_dlv_sess_body), so that a claim
+ * holds at most batch * SG_DLV_CLAIM_BODY_MAX octets of bodies.
  * $1 batch, $2 worker id, $3 lease (seconds).
  */
 #define SG_DLV_CLAIM_SQL                                                     \
@@ -455,7 +462,12 @@ static sg_dlv_worker_t  sg_dlv;
     "  m.requiretls, m.tls_required_no,"                                     \
     "  extract(epoch FROM m.received_at)::bigint AS received,"               \
     "  'dsn' = ANY(m.requiretls_sources) AS requiretls_dsn)"                 \
-    " SELECT * FROM c ORDER BY message_id, domain, id"
+    " SELECT c.*, CASE WHEN c.size <= " ngx_value(SG_DLV_CLAIM_BODY_MAX)      \
+    "  AND row_number() OVER (PARTITION BY c.message_id, c.domain"           \
+    "   ORDER BY c.id) = 1"                                                  \
+    "  THEN (SELECT b.body FROM messages b WHERE b.id = c.message_id)"       \
+    "  END AS body"                                                          \
+    " FROM c ORDER BY message_id, domain, id"
 
 #define SG_DLV_LEASE_SQL                                                     \
     "WITH mine AS (UPDATE recipients SET"                                    \
@@ -999,7 +1011,7 @@ static void
 sg_dlv_claimed(void *data, PGresult *res, const char *err,
     const char *sqlstate)
 {
-    int             n, i, j;
+    int             n, i, j, bcol;
     ngx_str_t       domain, address, msgid;
     ngx_uint_t      k, full;
     ngx_pool_t     *pool;
@@ -1017,6 +1029,7 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
 
     n = PQntuples(res);
     full = (ngx_uint_t) n >= sg_dlv.conf->batch - sg_dlv.jobs;
+    bcol = PQfnumber(res, "body");
 
     ngx_log_debug1(NGX_LOG_DEBUG_MAIL, sg_dlv.log, 0,
                    "sg delivery: claimed %d recipients", n);
@@ -1088,6 +1101,11 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
                                   PQgetlength(res, i, 16));
         job->requiretls_dsn = (PQgetvalue(res, i, 17)[0] == 't');
 
+        if (sg_dlv_claimed_body(job, res, i, bcol) != NGX_OK) {
+            ngx_destroy_pool(pool);
+            continue;
+        }
+
         job->nrcpts = j - i;
         job->rcpts = ngx_pcalloc(pool, job->nrcpts * sizeof(sg_dlv_rcpt_t));
         job->attempts = json_array();
@@ -1157,6 +1175,54 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
         sg_dlv.again = 0;
         sg_dlv_claim();
     }
+}
+
+
+/*
+ * The body that came with the claim, as bytea in hex ("\x4142..."); none
+ * (SQL NULL: too large, or not the job's first row): job->body stays NULL
+ * and sg_dlv_sess_body loads it.
+ */
+
+static ngx_int_t
+sg_dlv_claimed_body(sg_dlv_job_t *job, PGresult *res, int row, int col)
+{
+    u_char     *p, *b;
+    size_t      len, i;
+    ngx_int_t   c;
+
+    if (col < 0 || PQgetisnull(res, row, col)) {
+        return NGX_OK;
+    }
+
+    p = (u_char *) PQgetvalue(res, row, col);
+    len = PQgetlength(res, row, col);
+
+    if (len < 2 || p[0] != '\\' || p[1] != 'x' || (len & 1)) {
+        return NGX_OK;
+    }
+
+    len = (len - 2) / 2;
+    p += 2;
+
+    b = ngx_pnalloc(job->pool, len + 1);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < len; i++) {
+        c = ngx_hextoi(p + 2 * i, 2);
+        if (c == NGX_ERROR) {
+            return NGX_OK;
+        }
+
+        b[i] = (u_char) c;
+    }
+
+    job->body = b;
+    job->body_len = len;
+
+    return NGX_OK;
 }
 
 
@@ -1550,6 +1616,12 @@ sg_dlv_sess_body(sg_dlv_sess_t *sess)
     sg_dlv_job_t   *job;
 
     job = sess->job;
+
+    if (job->body) {
+        /* it came with the claim */
+        sg_dlv_sess_decide(sess);
+        return;
+    }
 
     param.data = (const char *) job->id;
     param.len = 16;
