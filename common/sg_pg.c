@@ -29,7 +29,9 @@ struct sg_pg_query_s {
     sg_pg_handler_pt     handler;
     void                *data;
     ngx_event_t          timer;
-    char                *sql;
+    char                *sql;          /* NULL for a prepared statement */
+    sg_pg_stmt_t        *stmt;
+    ngx_uint_t           stmt_index;    /* in pool->stmts */
     ngx_uint_t           nparams;
     char                *params[SG_PG_MAX_PARAMS];
     int                  lengths[SG_PG_MAX_PARAMS];
@@ -51,7 +53,10 @@ struct sg_pg_conn_s {
     ngx_event_t          timer;         /* connect timeout, reconnect */
     ngx_msec_t           backoff;
     ngx_uint_t           index;
+    uint32_t             prepared;      /* bit i: pool->stmts[i] */
     unsigned             listener:1;
+    unsigned             preparing:1;   /* PQsendPrepare is running */
+    unsigned             stale:1;       /* drop it once the query is done */
 };
 
 
@@ -74,6 +79,8 @@ struct sg_pg_pool_s {
     ngx_uint_t           npending;
     sg_pg_channel_t      channels[SG_PG_MAX_CHANNELS];
     ngx_uint_t           nchannels;
+    sg_pg_stmt_t        *stmts[SG_PG_MAX_STMTS];
+    ngx_uint_t           nstmts;
     char                 last_error[256];
     ngx_event_t          dispatch;      /* posted: handlers never run
                                            inside sg_pg_query() */
@@ -92,11 +99,17 @@ static void sg_pg_unwrap(sg_pg_conn_t *pc);
 static ngx_int_t sg_pg_want(sg_pg_conn_t *pc, ngx_uint_t read,
     ngx_uint_t write);
 static void sg_pg_dispatch(sg_pg_pool_t *pool);
-static ngx_int_t sg_pg_query_borrowed(sg_pg_pool_t *pool, const char *sql,
-    ngx_uint_t nparams, const sg_pg_param_t *params, ngx_uint_t binary,
+static ngx_int_t sg_pg_query_copied(sg_pg_pool_t *pool, const char *sql,
+    sg_pg_stmt_t *stmt, ngx_uint_t nparams, const char *const *params,
     sg_pg_handler_pt handler, void *data);
+static ngx_int_t sg_pg_query_borrowed(sg_pg_pool_t *pool, const char *sql,
+    sg_pg_stmt_t *stmt, ngx_uint_t nparams, const sg_pg_param_t *params,
+    ngx_uint_t binary, sg_pg_handler_pt handler, void *data);
 static ngx_int_t sg_pg_query_create(sg_pg_pool_t *pool, const char *sql,
-    ngx_uint_t nparams, sg_pg_query_t **qp);
+    sg_pg_stmt_t *stmt, ngx_uint_t nparams, sg_pg_query_t **qp);
+static ngx_int_t sg_pg_stmt_index(sg_pg_pool_t *pool, sg_pg_stmt_t *stmt,
+    ngx_uint_t *index);
+static void sg_pg_complete(sg_pg_conn_t *pc);
 static void sg_pg_enqueue(sg_pg_pool_t *pool, sg_pg_query_t *q);
 static void sg_pg_dispatch_handler(ngx_event_t *ev);
 static ngx_int_t sg_pg_send(sg_pg_conn_t *pc, sg_pg_query_t *q);
@@ -193,12 +206,31 @@ ngx_int_t
 sg_pg_query(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
     const char *const *params, sg_pg_handler_pt handler, void *data)
 {
+    return sg_pg_query_copied(pool, sql, NULL, nparams, params, handler,
+                              data);
+}
+
+
+ngx_int_t
+sg_pg_exec(sg_pg_pool_t *pool, sg_pg_stmt_t *stmt, ngx_uint_t nparams,
+    const char *const *params, sg_pg_handler_pt handler, void *data)
+{
+    return sg_pg_query_copied(pool, NULL, stmt, nparams, params, handler,
+                              data);
+}
+
+
+static ngx_int_t
+sg_pg_query_copied(sg_pg_pool_t *pool, const char *sql, sg_pg_stmt_t *stmt,
+    ngx_uint_t nparams, const char *const *params, sg_pg_handler_pt handler,
+    void *data)
+{
     size_t          len;
     ngx_int_t       rc;
     ngx_uint_t      i;
     sg_pg_query_t  *q;
 
-    rc = sg_pg_query_create(pool, sql, nparams, &q);
+    rc = sg_pg_query_create(pool, sql, stmt, nparams, &q);
     if (rc != NGX_OK) {
         return rc;
     }
@@ -233,7 +265,8 @@ ngx_int_t
 sg_pg_query_params(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
     const sg_pg_param_t *params, sg_pg_handler_pt handler, void *data)
 {
-    return sg_pg_query_borrowed(pool, sql, nparams, params, 0, handler, data);
+    return sg_pg_query_borrowed(pool, sql, NULL, nparams, params, 0,
+                                handler, data);
 }
 
 
@@ -241,20 +274,39 @@ ngx_int_t
 sg_pg_query_binary(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
     const sg_pg_param_t *params, sg_pg_handler_pt handler, void *data)
 {
-    return sg_pg_query_borrowed(pool, sql, nparams, params, 1, handler, data);
+    return sg_pg_query_borrowed(pool, sql, NULL, nparams, params, 1,
+                                handler, data);
+}
+
+
+ngx_int_t
+sg_pg_exec_params(sg_pg_pool_t *pool, sg_pg_stmt_t *stmt, ngx_uint_t nparams,
+    const sg_pg_param_t *params, sg_pg_handler_pt handler, void *data)
+{
+    return sg_pg_query_borrowed(pool, NULL, stmt, nparams, params, 0,
+                                handler, data);
+}
+
+
+ngx_int_t
+sg_pg_exec_binary(sg_pg_pool_t *pool, sg_pg_stmt_t *stmt, ngx_uint_t nparams,
+    const sg_pg_param_t *params, sg_pg_handler_pt handler, void *data)
+{
+    return sg_pg_query_borrowed(pool, NULL, stmt, nparams, params, 1,
+                                handler, data);
 }
 
 
 static ngx_int_t
-sg_pg_query_borrowed(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
-    const sg_pg_param_t *params, ngx_uint_t binary, sg_pg_handler_pt handler,
-    void *data)
+sg_pg_query_borrowed(sg_pg_pool_t *pool, const char *sql, sg_pg_stmt_t *stmt,
+    ngx_uint_t nparams, const sg_pg_param_t *params, ngx_uint_t binary,
+    sg_pg_handler_pt handler, void *data)
 {
     ngx_int_t       rc;
     ngx_uint_t      i;
     sg_pg_query_t  *q;
 
-    rc = sg_pg_query_create(pool, sql, nparams, &q);
+    rc = sg_pg_query_create(pool, sql, stmt, nparams, &q);
     if (rc != NGX_OK) {
         return rc;
     }
@@ -278,13 +330,17 @@ sg_pg_query_borrowed(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
 }
 
 
-/* the checks both entry points make, and the query with its SQL copied */
+/*
+ * the checks every entry point makes, and the query with its SQL copied
+ * (or, for a prepared statement, its place in the pool's list)
+ */
 
 static ngx_int_t
-sg_pg_query_create(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
-    sg_pg_query_t **qp)
+sg_pg_query_create(sg_pg_pool_t *pool, const char *sql, sg_pg_stmt_t *stmt,
+    ngx_uint_t nparams, sg_pg_query_t **qp)
 {
     size_t          len;
+    ngx_uint_t      index;
     sg_pg_query_t  *q;
 
     if (pool == NULL || pool->destroyed) {
@@ -299,9 +355,22 @@ sg_pg_query_create(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
         return NGX_BUSY;
     }
 
+    index = 0;
+
+    if (stmt && sg_pg_stmt_index(pool, stmt, &index) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     q = ngx_calloc(sizeof(sg_pg_query_t), pool->log);
     if (q == NULL) {
         return NGX_ERROR;
+    }
+
+    if (stmt) {
+        q->stmt = stmt;
+        q->stmt_index = index;
+        *qp = q;
+        return NGX_OK;
     }
 
     len = ngx_strlen(sql) + 1;
@@ -314,6 +383,34 @@ sg_pg_query_create(sg_pg_pool_t *pool, const char *sql, ngx_uint_t nparams,
     ngx_memcpy(q->sql, sql, len);
 
     *qp = q;
+
+    return NGX_OK;
+}
+
+
+/* the statement's place in the pool's list, added at its first use */
+
+static ngx_int_t
+sg_pg_stmt_index(sg_pg_pool_t *pool, sg_pg_stmt_t *stmt, ngx_uint_t *index)
+{
+    ngx_uint_t  i;
+
+    for (i = 0; i < pool->nstmts; i++) {
+        if (pool->stmts[i] == stmt) {
+            *index = i;
+            return NGX_OK;
+        }
+    }
+
+    if (pool->nstmts == SG_PG_MAX_STMTS) {
+        ngx_log_error(NGX_LOG_ALERT, pool->log, 0,
+                      "sg: more than %d prepared statements, \"%s\" is not"
+                      " run", SG_PG_MAX_STMTS, stmt->name);
+        return NGX_ERROR;
+    }
+
+    pool->stmts[pool->nstmts] = stmt;
+    *index = pool->nstmts++;
 
     return NGX_OK;
 }
@@ -467,6 +564,11 @@ sg_pg_connect(sg_pg_conn_t *pc)
     values[2] = pc->listener ? "sg-listen" : "sg";
     keys[3] = NULL;
     values[3] = NULL;
+
+    /* a new session: nothing is prepared on it */
+    pc->prepared = 0;
+    pc->preparing = 0;
+    pc->stale = 0;
 
     pc->conn = PQconnectStartParams(keys, values, 1);
 
@@ -843,7 +945,18 @@ sg_pg_send(sg_pg_conn_t *pc, sg_pg_query_t *q)
     q->conn = pc;
     pc->state = SG_PG_BUSY;
 
-    if (q->nparams == 0) {
+    if (q->stmt && !(pc->prepared & ((uint32_t) 1 << q->stmt_index))) {
+        /* first on this connection: prepare, then run (sg_pg_complete) */
+        pc->preparing = 1;
+        rc = PQsendPrepare(pc->conn, q->stmt->name, q->stmt->sql,
+                           (int) q->nparams, NULL);
+
+    } else if (q->stmt) {
+        rc = PQsendQueryPrepared(pc->conn, q->stmt->name, (int) q->nparams,
+                                 (const char *const *) q->params, q->lengths,
+                                 q->formats, q->binary);
+
+    } else if (q->nparams == 0) {
         rc = PQsendQuery(pc->conn, q->sql);
 
     } else {
@@ -880,8 +993,6 @@ sg_pg_io_handler(ngx_event_t *ev)
     PGresult          *res;
     ngx_connection_t  *c;
     sg_pg_conn_t      *pc;
-    sg_pg_query_t     *q;
-    const char        *state;
 
     c = ev->data;
     pc = c->data;
@@ -948,41 +1059,90 @@ sg_pg_io_handler(ngx_event_t *ev)
             continue;
         }
 
-        /* the query is complete */
+        sg_pg_complete(pc);
+        return;
+    }
+}
 
-        q = pc->query;
-        pc->query = NULL;
-        pc->state = SG_PG_IDLE;
 
-        res = pc->result;
-        pc->result = NULL;
+/* a command is complete: a statement prepared, or a query answered */
 
-        if (pc->error) {
-            state = PQresultErrorField(pc->error, PG_DIAG_SQLSTATE);
-            sg_pg_finish(q, NULL, PQresultErrorMessage(pc->error),
-                         state ? state : "");
-            PQclear(pc->error);
-            pc->error = NULL;
+static void
+sg_pg_complete(sg_pg_conn_t *pc)
+{
+    PGresult       *res;
+    sg_pg_query_t  *q;
+    const char     *state;
 
-            if (res) {
-                PQclear(res);
+    q = pc->query;
+
+    if (pc->preparing) {
+        pc->preparing = 0;
+
+        if (pc->error == NULL) {
+            if (pc->result) {
+                PQclear(pc->result);
+                pc->result = NULL;
             }
 
-        } else {
-            sg_pg_finish(q, res, NULL, NULL);
+            pc->prepared |= (uint32_t) 1 << q->stmt_index;
 
-            if (res) {
-                PQclear(res);
-            }
-        }
-
-        if (pc->listener) {
+            /* now run it; on failure sg_pg_send answered the query */
+            (void) sg_pg_send(pc, q);
             return;
         }
 
-        sg_pg_dispatch(pc->pool);
+        /* the statement does not prepare: that is the query's answer */
+    }
+
+    pc->query = NULL;
+    pc->state = SG_PG_IDLE;
+
+    res = pc->result;
+    pc->result = NULL;
+
+    if (pc->error) {
+        state = PQresultErrorField(pc->error, PG_DIAG_SQLSTATE);
+        state = state ? state : "";
+
+        /*
+         * a prepared statement the server no longer has (26000), or whose
+         * result type changed under it (0A000, "cached plan must not
+         * change result type", after a migration): start this connection
+         * afresh, it prepares everything again
+         */
+        if (q->stmt && (ngx_strcmp(state, "26000") == 0
+                        || ngx_strcmp(state, "0A000") == 0))
+        {
+            pc->stale = 1;
+        }
+
+        sg_pg_finish(q, NULL, PQresultErrorMessage(pc->error), state);
+        PQclear(pc->error);
+        pc->error = NULL;
+
+        if (res) {
+            PQclear(res);
+        }
+
+    } else {
+        sg_pg_finish(q, res, NULL, NULL);
+
+        if (res) {
+            PQclear(res);
+        }
+    }
+
+    if (pc->listener) {
         return;
     }
+
+    if (pc->stale) {
+        sg_pg_close(pc, "a prepared statement is stale, reconnecting");
+        return;
+    }
+
+    sg_pg_dispatch(pc->pool);
 }
 
 
@@ -1014,7 +1174,10 @@ sg_pg_finish(sg_pg_query_t *q, PGresult *res, const char *err,
         }
     }
 
-    ngx_free(q->sql);
+    if (q->sql) {
+        ngx_free(q->sql);
+    }
+
     ngx_free(q);
 }
 
@@ -1029,7 +1192,8 @@ sg_pg_query_timeout(ngx_event_t *ev)
     pc = q->conn;
 
     ngx_log_error(NGX_LOG_ERR, q->pool->log, 0,
-                  "sg: postgresql query timed out: \"%s\"", q->sql);
+                  "sg: postgresql query timed out: \"%s\"",
+                  q->stmt ? q->stmt->name : q->sql);
 
     if (pc == NULL) {
         ngx_queue_remove(&q->queue);

@@ -20,11 +20,28 @@
 #define SG_PG_MAX_PARAMS      24
 #define SG_PG_MAX_PENDING     4096
 #define SG_PG_MAX_CHANNELS    8
+#define SG_PG_MAX_STMTS       32
 #define SG_PG_BACKOFF_MIN     100
 #define SG_PG_BACKOFF_MAX     5000
 
 
 typedef struct sg_pg_pool_s  sg_pg_pool_t;
+
+
+/*
+ * A named statement, prepared on each connection the first time it runs
+ * there (PQsendPrepare, then PQsendQueryPrepared), and again after a
+ * reconnect: the server parses and plans it once per connection instead
+ * of once per query.  Define it static, with a name unique in the
+ * process: SG_PG_STMT("sg_dlv_claim", SQL).  One statement only (no
+ * multi-statement text).  A pool knows at most SG_PG_MAX_STMTS of them.
+ */
+typedef struct {
+    const char          *name;
+    const char          *sql;
+} sg_pg_stmt_t;
+
+#define SG_PG_STMT(name, sql)  { name, sql }
 
 /*
  * res is a PGRES_TUPLES_OK or PGRES_COMMAND_OK result (freed after the
@@ -76,6 +93,20 @@ ngx_int_t sg_pg_query_params(sg_pg_pool_t *pool, const char *sql,
 
 /* like sg_pg_query_params, with every result column in binary format */
 ngx_int_t sg_pg_query_binary(sg_pg_pool_t *pool, const char *sql,
+    ngx_uint_t nparams, const sg_pg_param_t *params,
+    sg_pg_handler_pt handler, void *data);
+
+/*
+ * sg_pg_query, sg_pg_query_params and sg_pg_query_binary for a prepared
+ * statement: same answers, same parameter rules.
+ */
+ngx_int_t sg_pg_exec(sg_pg_pool_t *pool, sg_pg_stmt_t *stmt,
+    ngx_uint_t nparams, const char *const *params, sg_pg_handler_pt handler,
+    void *data);
+ngx_int_t sg_pg_exec_params(sg_pg_pool_t *pool, sg_pg_stmt_t *stmt,
+    ngx_uint_t nparams, const sg_pg_param_t *params,
+    sg_pg_handler_pt handler, void *data);
+ngx_int_t sg_pg_exec_binary(sg_pg_pool_t *pool, sg_pg_stmt_t *stmt,
     ngx_uint_t nparams, const sg_pg_param_t *params,
     sg_pg_handler_pt handler, void *data);
 

@@ -35,6 +35,7 @@
 #define SG_DLV_FAILURE_KEY      "sg:tls-failure:"
 #define SG_DLV_RECORD_RETRY     1000     /* ms between tries to record */
 #define SG_DLV_DSN_BATCH        20
+#define SG_DLV_CLAIM_BODY_MAX   32768    /* octets: bodies claimed along */
 
 
 typedef struct sg_dlv_dest_s  sg_dlv_dest_t;
@@ -216,6 +217,8 @@ static void sg_dlv_lease_handler(ngx_event_t *ev);
 static void sg_dlv_lease_done(void *data, PGresult *res, const char *err,
     const char *sqlstate);
 static void sg_dlv_claim(void);
+static ngx_int_t sg_dlv_claimed_body(sg_dlv_job_t *job, PGresult *res,
+    int row, int col);
 static void sg_dlv_claimed(void *data, PGresult *res, const char *err,
     const char *sqlstate);
 static sg_dlv_dest_t *sg_dlv_dest_for(ngx_str_t *domain,
@@ -473,7 +476,11 @@ static sg_dlv_worker_t  sg_dlv;
 
 
 /*
- * Claim: due recipients, oldest first, with their message's envelope.
+ * Claim: due recipients, oldest first, with their message's envelope, and
+ * the body of a small message on the first row of each message and
+ * domain (a job): one statement instead of one per job; a larger body is
+ * loaded when its session starts (sg_dlv_sess_body), so that a claim
+ * holds at most batch * SG_DLV_CLAIM_BODY_MAX octets of bodies.
  * $1 batch, $2 worker id, $3 lease (seconds).
  */
 #define SG_DLV_CLAIM_SQL                                                     \
@@ -492,7 +499,12 @@ static sg_dlv_worker_t  sg_dlv;
     "  m.requiretls, m.tls_required_no,"                                     \
     "  extract(epoch FROM m.received_at)::bigint AS received,"               \
     "  'dsn' = ANY(m.requiretls_sources) AS requiretls_dsn)"                 \
-    " SELECT * FROM c ORDER BY message_id, domain, id"
+    " SELECT c.*, CASE WHEN c.size <= " ngx_value(SG_DLV_CLAIM_BODY_MAX)      \
+    "  AND row_number() OVER (PARTITION BY c.message_id, c.domain"           \
+    "   ORDER BY c.id) = 1"                                                  \
+    "  THEN (SELECT b.body FROM messages b WHERE b.id = c.message_id)"       \
+    "  END AS body"                                                          \
+    " FROM c ORDER BY message_id, domain, id"
 
 #define SG_DLV_LEASE_SQL                                                     \
     "WITH mine AS (UPDATE recipients SET"                                    \
@@ -507,7 +519,15 @@ static sg_dlv_worker_t  sg_dlv;
 #define SG_DLV_BODY_SQL                                                      \
     "SELECT body FROM messages WHERE id = $1"
 
-/* $1 recipients (json), $2 worker, $3 message id, $4 attempts (json) */
+/*
+ * $1 recipients (json), $2 worker, $3 message id, $4 attempts (json),
+ * $5 the recipients' ids (bigint[]).  json_to_recordset() is estimated at
+ * 100 rows: without the ids, or with "state = 'delivering'" in the WHERE
+ * (which makes the partial index recipients_lease usable), the planner
+ * read every recipient being delivered instead of these few through the
+ * primary key.  claimed_by = $2 implies state = 'delivering'
+ * (sql/010_queue_performance.sql, recipients_claim_delivering).
+ */
 #define SG_DLV_RECORD_SQL                                                    \
     "WITH r AS (SELECT * FROM json_to_recordset($1::json) AS x(id bigint,"   \
     "  state text, reply text, status text, action text, remote text,"       \
@@ -520,7 +540,7 @@ static sg_dlv_worker_t  sg_dlv;
     "  final_at = CASE WHEN r.state = 'deferred' THEN NULL ELSE now() END,"  \
     "  dsn_status = r.status, dsn_action = r.action,"                        \
     "  dsn_remote_mta = r.remote, dsn_due = r.dsn_due"                       \
-    "  FROM r WHERE t.id = r.id AND t.state = 'delivering'"                  \
+    "  FROM r WHERE t.id = ANY($5::bigint[]) AND t.id = r.id"                \
     "  AND t.claimed_by = $2 RETURNING t.id),"                               \
     " a AS (INSERT INTO delivery_attempts (message_id, recipients,"          \
     "  started_at, ended_at, destination, mx_host, ip, port, tls_level,"     \
@@ -552,6 +572,18 @@ static sg_dlv_worker_t  sg_dlv;
     " lease_until = NULL, next_attempt_at = now()"                           \
     " WHERE id = ANY($1::bigint[]) AND state = 'delivering'"                 \
     " AND claimed_by = $2"
+
+/* the hot statements are prepared once per PostgreSQL connection */
+static sg_pg_stmt_t  sg_dlv_claim_stmt =
+    SG_PG_STMT("sg_dlv_claim", SG_DLV_CLAIM_SQL);
+static sg_pg_stmt_t  sg_dlv_lease_stmt =
+    SG_PG_STMT("sg_dlv_lease", SG_DLV_LEASE_SQL);
+static sg_pg_stmt_t  sg_dlv_body_stmt =
+    SG_PG_STMT("sg_dlv_body", SG_DLV_BODY_SQL);
+static sg_pg_stmt_t  sg_dlv_record_stmt =
+    SG_PG_STMT("sg_dlv_record", SG_DLV_RECORD_SQL);
+static sg_pg_stmt_t  sg_dlv_release_stmt =
+    SG_PG_STMT("sg_dlv_release", SG_DLV_RELEASE_SQL);
 
 /*
  * Messages with a DSN due: a final outcome to report and nothing pending,
@@ -1033,8 +1065,8 @@ sg_dlv_lease_handler(ngx_event_t *ev)
     params[0] = sg_dlv.worker_id;
     params[1] = sg_dlv.lease_param;
 
-    (void) sg_pg_query(sg_worker.pg, SG_DLV_LEASE_SQL, 2, params,
-                       sg_dlv_lease_done, NULL);
+    (void) sg_pg_exec(sg_worker.pg, &sg_dlv_lease_stmt, 2, params,
+                      sg_dlv_lease_done, NULL);
 
     ngx_add_timer(&sg_dlv.lease, sg_dlv.conf->lease / 3);
 }
@@ -1095,8 +1127,8 @@ sg_dlv_claim(void)
     params[1] = sg_dlv.worker_id;
     params[2] = sg_dlv.lease_param;
 
-    if (sg_pg_query(sg_worker.pg, SG_DLV_CLAIM_SQL, 3, params,
-                    sg_dlv_claimed, NULL)
+    if (sg_pg_exec(sg_worker.pg, &sg_dlv_claim_stmt, 3, params,
+                   sg_dlv_claimed, NULL)
         != NGX_OK)
     {
         return;
@@ -1113,7 +1145,7 @@ static void
 sg_dlv_claimed(void *data, PGresult *res, const char *err,
     const char *sqlstate)
 {
-    int             n, i, j;
+    int             n, i, j, bcol;
     ngx_str_t       domain, address, msgid;
     ngx_uint_t      k, full;
     ngx_pool_t     *pool;
@@ -1131,6 +1163,7 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
 
     n = PQntuples(res);
     full = (ngx_uint_t) n >= sg_dlv.conf->batch - sg_dlv.jobs;
+    bcol = PQfnumber(res, "body");
 
     ngx_log_debug1(NGX_LOG_DEBUG_MAIL, sg_dlv.log, 0,
                    "sg delivery: claimed %d recipients", n);
@@ -1202,6 +1235,11 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
                                   PQgetlength(res, i, 16));
         job->requiretls_dsn = (PQgetvalue(res, i, 17)[0] == 't');
 
+        if (sg_dlv_claimed_body(job, res, i, bcol) != NGX_OK) {
+            ngx_destroy_pool(pool);
+            continue;
+        }
+
         job->nrcpts = j - i;
         job->rcpts = ngx_pcalloc(pool, job->nrcpts * sizeof(sg_dlv_rcpt_t));
         job->attempts = json_array();
@@ -1271,6 +1309,54 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
         sg_dlv.again = 0;
         sg_dlv_claim();
     }
+}
+
+
+/*
+ * The body that came with the claim, as bytea in hex ("\x4142..."); none
+ * (SQL NULL: too large, or not the job's first row): job->body stays NULL
+ * and sg_dlv_sess_body loads it.
+ */
+
+static ngx_int_t
+sg_dlv_claimed_body(sg_dlv_job_t *job, PGresult *res, int row, int col)
+{
+    u_char     *p, *b;
+    size_t      len, i;
+    ngx_int_t   c;
+
+    if (col < 0 || PQgetisnull(res, row, col)) {
+        return NGX_OK;
+    }
+
+    p = (u_char *) PQgetvalue(res, row, col);
+    len = PQgetlength(res, row, col);
+
+    if (len < 2 || p[0] != '\\' || p[1] != 'x' || (len & 1)) {
+        return NGX_OK;
+    }
+
+    len = (len - 2) / 2;
+    p += 2;
+
+    b = ngx_pnalloc(job->pool, len + 1);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < len; i++) {
+        c = ngx_hextoi(p + 2 * i, 2);
+        if (c == NGX_ERROR) {
+            return NGX_OK;
+        }
+
+        b[i] = (u_char) c;
+    }
+
+    job->body = b;
+    job->body_len = len;
+
+    return NGX_OK;
 }
 
 
@@ -1729,12 +1815,18 @@ sg_dlv_sess_body(sg_dlv_sess_t *sess)
 
     job = sess->job;
 
+    if (job->body) {
+        /* it came with the claim */
+        sg_dlv_sess_decide(sess);
+        return;
+    }
+
     param.data = (const char *) job->id;
     param.len = 16;
     param.binary = 0;
 
-    if (sg_pg_query_binary(sg_worker.pg, SG_DLV_BODY_SQL, 1, &param,
-                           sg_dlv_body_loaded, sess)
+    if (sg_pg_exec_binary(sg_worker.pg, &sg_dlv_body_stmt, 1, &param,
+                          sg_dlv_body_loaded, sess)
         != NGX_OK)
     {
         /* PostgreSQL is away: the claim is released by the lease */
@@ -2892,21 +2984,33 @@ static void
 sg_dlv_job_record(sg_dlv_job_t *job)
 {
     char           *rj, *aj;
+    u_char         *ids, *p, *last;
     json_t         *rows, *row;
     ngx_uint_t      i;
-    const char     *params[4];
+    const char     *params[5];
     sg_dlv_rcpt_t  *r;
 
     static const char  *states[] = { "deferred", "delivered", "deferred",
                                      "bounced" };
+
+    ids = ngx_pnalloc(job->pool, job->nrcpts * (NGX_INT64_LEN + 1) + 3);
+    if (ids == NULL) {
+        goto retry;
+    }
 
     rows = json_array();
     if (rows == NULL) {
         goto retry;
     }
 
+    p = ids;
+    last = ids + job->nrcpts * (NGX_INT64_LEN + 1) + 3;
+    *p++ = '{';
+
     for (i = 0; i < job->nrcpts; i++) {
         r = &job->rcpts[i];
+
+        p = ngx_slprintf(p, last, "%s%L", i ? "," : "", r->id);
 
         row = json_pack("{s:I, s:s, s:s, s:s, s:s?, s:s%, s:I, s:b}",
                         "id", (json_int_t) r->id,
@@ -2926,6 +3030,8 @@ sg_dlv_job_record(sg_dlv_job_t *job)
         }
     }
 
+    p = ngx_slprintf(p, last, "}%Z");
+
     rj = json_dumps(rows, JSON_COMPACT);
     aj = json_dumps(job->attempts, JSON_COMPACT);
     json_decref(rows);
@@ -2940,9 +3046,10 @@ sg_dlv_job_record(sg_dlv_job_t *job)
     params[1] = sg_dlv.worker_id;
     params[2] = (char *) job->id;
     params[3] = aj;
+    params[4] = (char *) ids;
 
-    i = (sg_pg_query(sg_worker.pg, SG_DLV_RECORD_SQL, 4, params,
-                     sg_dlv_job_recorded, job)
+    i = (sg_pg_exec(sg_worker.pg, &sg_dlv_record_stmt, 5, params,
+                    sg_dlv_job_recorded, job)
          == NGX_OK);
 
     free(rj);
@@ -3143,8 +3250,8 @@ sg_dlv_release(void)
                   "sg delivery: shutting down, %ui waiting recipients go"
                   " back to the queue", n);
 
-    (void) sg_pg_query(sg_worker.pg, SG_DLV_RELEASE_SQL, 2, params,
-                       sg_dlv_released, NULL);
+    (void) sg_pg_exec(sg_worker.pg, &sg_dlv_release_stmt, 2, params,
+                      sg_dlv_released, NULL);
 
     ngx_free(ids);
 }

@@ -36,6 +36,10 @@
     " RETURNING message_id"
 
 
+static sg_pg_stmt_t  ngx_mail_sg_commit_stmt =
+    SG_PG_STMT("sg_commit", NGX_MAIL_SG_COMMIT_SQL);
+
+
 static void ngx_mail_sg_header(void *data, const char *name,
     size_t name_len, const char *value, size_t value_len);
 static ngx_int_t ngx_mail_sg_body_write(ngx_mail_session_t *s,
@@ -699,8 +703,8 @@ ngx_mail_sg_commit(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
 
 #undef sg_p
 
-    rc = sg_pg_query_params(sg_worker.pg, NGX_MAIL_SG_COMMIT_SQL, 22, p,
-                            ngx_mail_sg_committed, ctx);
+    rc = sg_pg_exec_params(sg_worker.pg, &ngx_mail_sg_commit_stmt, 22, p,
+                           ngx_mail_sg_committed, ctx);
 
     if (rc != NGX_OK) {
         ngx_log_error(NGX_LOG_ERR, c->log, 0,
