@@ -124,6 +124,7 @@ struct sg_client_s {
     unsigned                 body_done:1;  /* the terminator is queued */
     unsigned                 in_handler:1;
     unsigned                 closing:1;    /* sg_client_close() deferred */
+    unsigned                 quitting:1;   /* counted in conf->closing */
 };
 
 
@@ -2101,6 +2102,10 @@ sg_client_quit(sg_client_t *sc)
 {
     sc->log.action = "closing";
 
+    /* the connection stays open a little: the caller counts it */
+    sc->quitting = 1;
+    sc->conf->closing++;
+
     /* RFC 5321, 4.1.1.10: "QUIT" CRLF, then the server closes */
     (void) sg_client_command(sc, SG_CS_QUIT, "QUIT", NULL);
 }
@@ -2179,6 +2184,14 @@ sg_client_free(sg_client_t *sc)
     }
 
     sg_client_close_connection(sc);
+
+    if (sc->quitting) {
+        sc->conf->closing--;
+
+        if (sc->conf->closed) {
+            sc->conf->closed();
+        }
+    }
 
     ngx_destroy_pool(sc->pool);
 }

@@ -38,6 +38,10 @@ typedef struct {
     ngx_msec_t           command_timeout;  /* greeting, EHLO, MAIL, RCPT,
                                               STARTTLS, RSET, QUIT: 5m */
     ngx_msec_t           data_init_timeout;    /* DATA -> 354: 2m */
+    ngx_uint_t           closing;          /* connections saying QUIT:
+                                              still open, no longer the
+                                              caller's */
+    void               (*closed)(void);    /* one of them is closed */
     ngx_msec_t           data_block_timeout;   /* each write: 3m */
     ngx_msec_t           data_done_timeout;    /* "." -> reply: 10m */
     ngx_log_t           *log;

@@ -221,6 +221,8 @@ static ngx_int_t sg_dlv_claimed_body(sg_dlv_job_t *job, PGresult *res,
     int row, int col);
 static void sg_dlv_claimed(void *data, PGresult *res, const char *err,
     const char *sqlstate);
+static void sg_dlv_claimed_job(PGresult *res, int *rows, ngx_uint_t nrows,
+    sg_dlv_dest_t *dest, int bcol);
 static sg_dlv_dest_t *sg_dlv_dest_for(ngx_str_t *domain,
     ngx_uint_t local, ngx_str_t *address);
 static void sg_dlv_dest_run(sg_dlv_dest_t *dest);
@@ -231,6 +233,7 @@ static void sg_dlv_dest_fail_all(sg_dlv_dest_t *dest, ngx_uint_t bounce,
     const char *status, const char *reply);
 static void sg_dlv_dest_free(sg_dlv_dest_t *dest);
 static void sg_dlv_run_waiting(void);
+static void sg_dlv_client_closed(void);
 
 static void sg_dlv_sess_start(sg_dlv_dest_t *dest, sg_dlv_job_t *job);
 static void sg_dlv_sess_job(sg_dlv_sess_t *sess, sg_dlv_job_t *job);
@@ -827,6 +830,7 @@ sg_dlv_init_process(ngx_cycle_t *cycle)
     sg_dlv.client.data_block_timeout = dcf->data_block_timeout;
     sg_dlv.client.data_done_timeout = dcf->data_done_timeout;
     sg_dlv.client.log = cycle->log;
+    sg_dlv.client.closed = sg_dlv_client_closed;
 
     sg_dlv.client.ssl = sg_client_ssl_create(cycle, &scf->trusted_ca);
     if (sg_dlv.client.ssl == NULL) {
@@ -1145,13 +1149,12 @@ static void
 sg_dlv_claimed(void *data, PGresult *res, const char *err,
     const char *sqlstate)
 {
-    int             n, i, j, bcol;
-    ngx_str_t       domain, address, msgid;
-    ngx_uint_t      k, full;
-    ngx_pool_t     *pool;
-    sg_dlv_job_t   *job;
-    sg_dlv_dest_t  *dest;
-    sg_dlv_rcpt_t  *r;
+    int              n, i, m, a, b, bcol, *rows;
+    size_t           len;
+    ngx_str_t        domain, address;
+    ngx_uint_t       full, nrows;
+    u_char          *done;
+    sg_dlv_dest_t  **dests;
 
     sg_dlv.claiming = 0;
 
@@ -1168,147 +1171,217 @@ sg_dlv_claimed(void *data, PGresult *res, const char *err,
     ngx_log_debug1(NGX_LOG_DEBUG_MAIL, sg_dlv.log, 0,
                    "sg delivery: claimed %d recipients", n);
 
-    /* rows of one message and destination become one job */
-
-    for (i = 0; i < n; i = j) {
-
-        msgid.data = (u_char *) PQgetvalue(res, i, 1);
-        msgid.len = PQgetlength(res, i, 1);
-        domain.data = (u_char *) PQgetvalue(res, i, 3);
-        domain.len = PQgetlength(res, i, 3);
-        address.data = (u_char *) PQgetvalue(res, i, 2);
-        address.len = PQgetlength(res, i, 2);
-
-        for (j = i + 1; j < n && j - i < SG_DLV_MAX_RCPTS; j++) {
-            if ((size_t) PQgetlength(res, j, 1) != msgid.len
-                || ngx_strncmp(PQgetvalue(res, j, 1), msgid.data, msgid.len)
-                   != 0
-                || (size_t) PQgetlength(res, j, 3) != domain.len
-                || ngx_strncmp(PQgetvalue(res, j, 3), domain.data,
-                               domain.len) != 0)
-            {
-                break;
-            }
-        }
-
-        dest = sg_dlv_dest_for(&domain, PQgetvalue(res, i, 4)[0] == 't',
-                               &address);
-
-        pool = ngx_create_pool(4096, sg_dlv.log);
-        if (pool == NULL || msgid.len != 16) {
-            /* the lease brings them back */
-            if (pool) {
-                ngx_destroy_pool(pool);
-            }
-            continue;
-        }
-
-        job = ngx_pcalloc(pool, sizeof(sg_dlv_job_t));
-        if (job == NULL) {
-            ngx_destroy_pool(pool);
-            continue;
-        }
-
-        job->pool = pool;
-        job->dest = dest;
-        ngx_memcpy(job->id, msgid.data, 16);
-        job->started = sg_dlv_now();
-
-        if (sg_dlv_pstr(pool, &job->sender, PQgetvalue(res, i, 8),
-                        PQgetlength(res, i, 8)) != NGX_OK
-            || sg_dlv_pstr(pool, &job->ret, PQgetvalue(res, i, 12),
-                           PQgetlength(res, i, 12)) != NGX_OK
-            || sg_dlv_envid(pool, &job->envid, PQgetvalue(res, i, 13),
-                            PQgetlength(res, i, 13)) != NGX_OK)
-        {
-            ngx_destroy_pool(pool);
-            continue;
-        }
-
-        job->size = ngx_atoof((u_char *) PQgetvalue(res, i, 9),
-                              PQgetlength(res, i, 9));
-        job->eightbit = (ngx_strcmp(PQgetvalue(res, i, 10), "8BITMIME") == 0);
-        job->smtputf8 = (PQgetvalue(res, i, 11)[0] == 't');
-        job->requiretls = (PQgetvalue(res, i, 14)[0] == 't');
-        job->tls_required_no = (PQgetvalue(res, i, 15)[0] == 't');
-        job->received = ngx_atotm((u_char *) PQgetvalue(res, i, 16),
-                                  PQgetlength(res, i, 16));
-        job->requiretls_dsn = (PQgetvalue(res, i, 17)[0] == 't');
-
-        if (sg_dlv_claimed_body(job, res, i, bcol) != NGX_OK) {
-            ngx_destroy_pool(pool);
-            continue;
-        }
-
-        job->nrcpts = j - i;
-        job->rcpts = ngx_pcalloc(pool, job->nrcpts * sizeof(sg_dlv_rcpt_t));
-        job->attempts = json_array();
-
-        if (job->rcpts == NULL || job->attempts == NULL) {
-            if (job->attempts) {
-                json_decref(job->attempts);
-            }
-            ngx_destroy_pool(pool);
-            continue;
-        }
-
-        for (k = 0; k < job->nrcpts; k++) {
-            r = &job->rcpts[k];
-            r->id = ngx_atoof((u_char *) PQgetvalue(res, i + k, 0),
-                              PQgetlength(res, i + k, 0));
-            r->attempts = ngx_atoi((u_char *) PQgetvalue(res, i + k, 7),
-                                   PQgetlength(res, i + k, 7));
-
-            if (sg_dlv_pstr(pool, &r->address, PQgetvalue(res, i + k, 2),
-                            PQgetlength(res, i + k, 2)) != NGX_OK
-                || sg_dlv_pstr(pool, &r->notify, PQgetvalue(res, i + k, 5),
-                               PQgetlength(res, i + k, 5)) != NGX_OK
-                || sg_dlv_pstr(pool, &r->orcpt, PQgetvalue(res, i + k, 6),
-                               PQgetlength(res, i + k, 6)) != NGX_OK)
-            {
-                break;
-            }
-
-            if (domain.len == 0 && dest && dest->domain.len) {
-                /* <Postmaster>: the first local domain's postmaster */
-                r->address.len = sizeof("postmaster@") - 1 + dest->domain.len;
-                r->address.data = ngx_pnalloc(pool, r->address.len);
-                if (r->address.data == NULL) {
-                    break;
-                }
-
-                ngx_sprintf(r->address.data, "postmaster@%V", &dest->domain);
-            }
-        }
-
-        if (k < job->nrcpts) {
-            json_decref(job->attempts);
-            ngx_destroy_pool(pool);
-            continue;
-        }
-
-        sg_dlv.jobs++;
-
-        if (dest == NULL) {
-            /* recorded, so that the claim does not come back unchanged */
-            sg_dlv_rcpt_outcome(job, NULL, 451, "4.3.5",
-                                "no route: <Postmaster> needs a local"
-                                " domain, or this worker has no lists yet",
-                                NULL, 0);
-            sg_dlv_job_finish(job);
-            continue;
-        }
-
-        ngx_queue_insert_tail(&dest->jobs, &job->link);
-        dest->njobs++;
-
-        sg_dlv_dest_run(dest);
+    if (n == 0) {
+        goto done;
     }
+
+    dests = ngx_alloc(n * (sizeof(sg_dlv_dest_t *) + sizeof(int) + 1),
+                      sg_dlv.log);
+    if (dests == NULL) {
+        /* the lease brings them back */
+        return;
+    }
+
+    rows = (int *) (dests + n);
+    done = (u_char *) (rows + n);
+    ngx_memzero(done, n);
+
+    /*
+     * The rows come ordered by message.  Rows of one message and one
+     * destination (a domain's MX hosts, a relay host that several domains
+     * share, an internal server) become one job: one transaction.
+     */
+
+    for (i = 0; i < n; i = m) {
+        len = PQgetlength(res, i, 1);
+
+        for (m = i; m < n; m++) {
+            if ((size_t) PQgetlength(res, m, 1) != len
+                || ngx_strncmp(PQgetvalue(res, m, 1), PQgetvalue(res, i, 1),
+                               len) != 0)
+            {
+                break;
+            }
+
+            domain.data = (u_char *) PQgetvalue(res, m, 3);
+            domain.len = PQgetlength(res, m, 3);
+            address.data = (u_char *) PQgetvalue(res, m, 2);
+            address.len = PQgetlength(res, m, 2);
+
+            dests[m] = sg_dlv_dest_for(&domain,
+                                       PQgetvalue(res, m, 4)[0] == 't',
+                                       &address);
+
+            /* not freed while the message's jobs are made (more than
+               SG_DLV_MAX_RCPTS rows of one destination make two) */
+            if (dests[m]) {
+                dests[m]->busy++;
+            }
+        }
+
+        for (a = i; a < m; a++) {
+            if (done[a]) {
+                continue;
+            }
+
+            nrows = 0;
+
+            for (b = a; b < m && nrows < SG_DLV_MAX_RCPTS; b++) {
+                if (!done[b] && dests[b] == dests[a]) {
+                    rows[nrows++] = b;
+                    done[b] = 1;
+                }
+            }
+
+            sg_dlv_claimed_job(res, rows, nrows, dests[a], bcol);
+        }
+
+        for (a = i; a < m; a++) {
+            if (dests[a] && --dests[a]->busy == 0) {
+                sg_dlv_dest_free(dests[a]);
+            }
+        }
+    }
+
+    ngx_free(dests);
+
+done:
 
     if (full || sg_dlv.again) {
         sg_dlv.again = 0;
         sg_dlv_claim();
     }
+}
+
+
+/* one job from the claimed rows of one message and destination */
+
+static void
+sg_dlv_claimed_job(PGresult *res, int *rows, ngx_uint_t nrows,
+    sg_dlv_dest_t *dest, int bcol)
+{
+    int            i, row;
+    ngx_uint_t     k;
+    ngx_pool_t    *pool;
+    sg_dlv_job_t  *job;
+    sg_dlv_rcpt_t *r;
+
+    i = rows[0];
+
+    pool = ngx_create_pool(4096, sg_dlv.log);
+    if (pool == NULL || PQgetlength(res, i, 1) != 16) {
+        /* the lease brings them back */
+        if (pool) {
+            ngx_destroy_pool(pool);
+        }
+        return;
+    }
+
+    job = ngx_pcalloc(pool, sizeof(sg_dlv_job_t));
+    if (job == NULL) {
+        ngx_destroy_pool(pool);
+        return;
+    }
+
+    job->pool = pool;
+    job->dest = dest;
+    ngx_memcpy(job->id, PQgetvalue(res, i, 1), 16);
+    job->started = sg_dlv_now();
+
+    if (sg_dlv_pstr(pool, &job->sender, PQgetvalue(res, i, 8),
+                    PQgetlength(res, i, 8)) != NGX_OK
+        || sg_dlv_pstr(pool, &job->ret, PQgetvalue(res, i, 12),
+                       PQgetlength(res, i, 12)) != NGX_OK
+        || sg_dlv_envid(pool, &job->envid, PQgetvalue(res, i, 13),
+                        PQgetlength(res, i, 13)) != NGX_OK)
+    {
+        ngx_destroy_pool(pool);
+        return;
+    }
+
+    job->size = ngx_atoof((u_char *) PQgetvalue(res, i, 9),
+                          PQgetlength(res, i, 9));
+    job->eightbit = (ngx_strcmp(PQgetvalue(res, i, 10), "8BITMIME") == 0);
+    job->smtputf8 = (PQgetvalue(res, i, 11)[0] == 't');
+    job->requiretls = (PQgetvalue(res, i, 14)[0] == 't');
+    job->tls_required_no = (PQgetvalue(res, i, 15)[0] == 't');
+    job->received = ngx_atotm((u_char *) PQgetvalue(res, i, 16),
+                              PQgetlength(res, i, 16));
+    job->requiretls_dsn = (PQgetvalue(res, i, 17)[0] == 't');
+
+    /* the body came with one row of each message and domain, or with none */
+
+    for (k = 0; k < nrows && job->body == NULL; k++) {
+        if (sg_dlv_claimed_body(job, res, rows[k], bcol) != NGX_OK) {
+            ngx_destroy_pool(pool);
+            return;
+        }
+    }
+
+    job->nrcpts = nrows;
+    job->rcpts = ngx_pcalloc(pool, job->nrcpts * sizeof(sg_dlv_rcpt_t));
+    job->attempts = json_array();
+
+    if (job->rcpts == NULL || job->attempts == NULL) {
+        if (job->attempts) {
+            json_decref(job->attempts);
+        }
+        ngx_destroy_pool(pool);
+        return;
+    }
+
+    for (k = 0; k < job->nrcpts; k++) {
+        r = &job->rcpts[k];
+        row = rows[k];
+        r->id = ngx_atoof((u_char *) PQgetvalue(res, row, 0),
+                          PQgetlength(res, row, 0));
+        r->attempts = ngx_atoi((u_char *) PQgetvalue(res, row, 7),
+                               PQgetlength(res, row, 7));
+
+        if (sg_dlv_pstr(pool, &r->address, PQgetvalue(res, row, 2),
+                        PQgetlength(res, row, 2)) != NGX_OK
+            || sg_dlv_pstr(pool, &r->notify, PQgetvalue(res, row, 5),
+                           PQgetlength(res, row, 5)) != NGX_OK
+            || sg_dlv_pstr(pool, &r->orcpt, PQgetvalue(res, row, 6),
+                           PQgetlength(res, row, 6)) != NGX_OK)
+        {
+            break;
+        }
+
+        if (PQgetlength(res, row, 3) == 0 && dest && dest->domain.len) {
+            /* <Postmaster>: the first local domain's postmaster */
+            r->address.len = sizeof("postmaster@") - 1 + dest->domain.len;
+            r->address.data = ngx_pnalloc(pool, r->address.len);
+            if (r->address.data == NULL) {
+                break;
+            }
+
+            ngx_sprintf(r->address.data, "postmaster@%V", &dest->domain);
+        }
+    }
+
+    if (k < job->nrcpts) {
+        json_decref(job->attempts);
+        ngx_destroy_pool(pool);
+        return;
+    }
+
+    sg_dlv.jobs++;
+
+    if (dest == NULL) {
+        /* recorded, so that the claim does not come back unchanged */
+        sg_dlv_rcpt_outcome(job, NULL, 451, "4.3.5",
+                            "no route: <Postmaster> needs a local"
+                            " domain, or this worker has no lists yet",
+                            NULL, 0);
+        sg_dlv_job_finish(job);
+        return;
+    }
+
+    ngx_queue_insert_tail(&dest->jobs, &job->link);
+    dest->njobs++;
+
+    sg_dlv_dest_run(dest);
 }
 
 
@@ -1600,7 +1673,8 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
 
     while (!ngx_queue_empty(&dest->jobs)
            && dest->sessions < sg_dlv.conf->dest_concurrency
-           && sg_dlv.sessions < sg_dlv.conf->concurrency
+           && sg_dlv.sessions + sg_dlv.client.closing
+              < sg_dlv.conf->concurrency
            && !ngx_exiting)
     {
         q = ngx_queue_head(&dest->jobs);
@@ -1737,6 +1811,20 @@ sg_dlv_dest_free(sg_dlv_dest_t *dest)
 }
 
 
+/*
+ * A connection that said QUIT is closed: it counted against
+ * sg_delivery_concurrency until now (connections open at once).
+ */
+
+static void
+sg_dlv_client_closed(void)
+{
+    if (sg_dlv.running && !ngx_exiting) {
+        sg_dlv_run_waiting();
+    }
+}
+
+
 static void
 sg_dlv_run_waiting(void)
 {
@@ -1744,7 +1832,8 @@ sg_dlv_run_waiting(void)
     sg_dlv_dest_t  *dest;
 
     while (!ngx_queue_empty(&sg_dlv.waiting)
-           && sg_dlv.sessions < sg_dlv.conf->concurrency)
+           && sg_dlv.sessions + sg_dlv.client.closing
+              < sg_dlv.conf->concurrency)
     {
         q = ngx_queue_head(&sg_dlv.waiting);
         dest = ngx_queue_data(q, sg_dlv_dest_t, waiting);

@@ -565,6 +565,7 @@ class Session:
     helo_verb, tls (bool), tls_version, tls_cipher (name), sni (server name
     the client sent, or None), tls_error (handshake failure text),
     starttls_injected (bytes that followed STARTTLS in the same flight),
+    quit_at (time.time() when QUIT arrived, or None),
     transactions [Transaction], closed (bool), end ("quit", "client closed",
     "dropped in data", "dropped after dot", "tls failed", "timeout",
     "stopped", "421", "error: ..."), error (exception text if any)."""
@@ -587,6 +588,7 @@ class Session:
         self.transactions = []
         self.closed = False
         self.ended = None
+        self.quit_at = None         # time.time() when QUIT arrived
         self.end = None
         self.error = None
 
@@ -1010,6 +1012,7 @@ class _Handler:
     def dispatch(self, cmd):
         sk, s, v = self.sink, self.s, cmd.verb
         if v == "QUIT":
+            s.quit_at = time.time()
             self.send(self.reply_for("QUIT", "221 2.0.0 Bye", cmd), "quit", cmd)
             raise _Drop("quit")
         if self.rejected_banner:

@@ -724,3 +724,34 @@ def test_mx_address_limit_bounds_the_walk(W):
         assert "sg_delivery_mx_address_limit (2)" in \
             e["recipients"][0]["last_reply"]
         api(W.inst, "DELETE", "/api/v1/queue/" + qid)
+
+
+def test_domains_sharing_a_route_go_in_one_transaction(W):
+    """Issue 4, item 1: recipients of one message and one destination go
+    in one SMTP transaction: two domains routed to one relay host make one
+    MAIL with both RCPTs (RFC 5321, 3.3)."""
+    relay = SmtpSink(port=2530)
+    ids = []
+    try:
+        d1, d2 = unique("shr"), unique("shr")
+        for d in (d1, d2):
+            r = api(W.inst, "POST", "/api/v1/routes",
+                    json={"domain": d, "relay": "%s:2530" % relay.host})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        time.sleep(0.5)                 # the lists reach the worker
+        qid = send(W, ["ann@" + d1, "bob@" + d2])
+        e = wait_final(W, qid)
+        assert states(e) == {"ann@" + d1: "delivered",
+                             "bob@" + d2: "delivered"}
+        assert len(relay.transactions) == 1, relay.dump()
+        (txn,) = relay.messages
+        assert sorted(r.address for r in txn.rcpts) == \
+            sorted(["ann@" + d1, "bob@" + d2])
+        assert len(e["attempts"]) == 1
+        assert e["attempts"][0]["destination"] == \
+            "route:%s:2530" % relay.host
+    finally:
+        for i in ids:
+            api(W.inst, "DELETE", "/api/v1/routes/%s" % i)
+        relay.stop()
