@@ -524,12 +524,16 @@ static sg_dlv_worker_t  sg_dlv;
 
 /*
  * $1 recipients (json), $2 worker, $3 message id, $4 attempts (json),
- * $5 the recipients' ids (bigint[]).  json_to_recordset() is estimated at
- * 100 rows: without the ids, or with "state = 'delivering'" in the WHERE
+ * $5 and $6 the smallest and largest id of the recipients (inserted by one
+ * statement, their ids are close).  json_to_recordset() is estimated at
+ * 100 rows: without the range, or with "state = 'delivering'" in the WHERE
  * (which makes the partial index recipients_lease usable), the planner
  * read every recipient being delivered instead of these few through the
- * primary key.  claimed_by = $2 implies state = 'delivering'
- * (sql/010_queue_performance.sql, recipients_claim_delivering).
+ * primary key; and "id = ANY(ids)" made the cached generic plan, when
+ * built while the table was small, a sequential scan for good.  A range
+ * of the primary key is an index scan in every case.  claimed_by = $2
+ * implies state = 'delivering' (sql/010_queue_performance.sql,
+ * recipients_claim_delivering).
  */
 #define SG_DLV_RECORD_SQL                                                    \
     "WITH r AS (SELECT * FROM json_to_recordset($1::json) AS x(id bigint,"   \
@@ -543,7 +547,7 @@ static sg_dlv_worker_t  sg_dlv;
     "  final_at = CASE WHEN r.state = 'deferred' THEN NULL ELSE now() END,"  \
     "  dsn_status = r.status, dsn_action = r.action,"                        \
     "  dsn_remote_mta = r.remote, dsn_due = r.dsn_due"                       \
-    "  FROM r WHERE t.id = ANY($5::bigint[]) AND t.id = r.id"                \
+    "  FROM r WHERE t.id BETWEEN $5::bigint AND $6::bigint AND t.id = r.id"  \
     "  AND t.claimed_by = $2 RETURNING t.id),"                               \
     " a AS (INSERT INTO delivery_attempts (message_id, recipients,"          \
     "  started_at, ended_at, destination, mx_host, ip, port, tls_level,"     \
@@ -3073,33 +3077,29 @@ static void
 sg_dlv_job_record(sg_dlv_job_t *job)
 {
     char           *rj, *aj;
-    u_char         *ids, *p, *last;
+    int64_t         lo, hi;
     json_t         *rows, *row;
     ngx_uint_t      i;
-    const char     *params[5];
+    const char     *params[6];
     sg_dlv_rcpt_t  *r;
+    char            min[NGX_INT64_LEN + 1], max[NGX_INT64_LEN + 1];
 
     static const char  *states[] = { "deferred", "delivered", "deferred",
                                      "bounced" };
-
-    ids = ngx_pnalloc(job->pool, job->nrcpts * (NGX_INT64_LEN + 1) + 3);
-    if (ids == NULL) {
-        goto retry;
-    }
 
     rows = json_array();
     if (rows == NULL) {
         goto retry;
     }
 
-    p = ids;
-    last = ids + job->nrcpts * (NGX_INT64_LEN + 1) + 3;
-    *p++ = '{';
+    lo = job->rcpts[0].id;
+    hi = lo;
 
     for (i = 0; i < job->nrcpts; i++) {
         r = &job->rcpts[i];
 
-        p = ngx_slprintf(p, last, "%s%L", i ? "," : "", r->id);
+        lo = ngx_min(lo, r->id);
+        hi = ngx_max(hi, r->id);
 
         row = json_pack("{s:I, s:s, s:s, s:s, s:s?, s:s%, s:I, s:b}",
                         "id", (json_int_t) r->id,
@@ -3119,7 +3119,8 @@ sg_dlv_job_record(sg_dlv_job_t *job)
         }
     }
 
-    p = ngx_slprintf(p, last, "}%Z");
+    *ngx_sprintf((u_char *) min, "%L", lo) = '\0';
+    *ngx_sprintf((u_char *) max, "%L", hi) = '\0';
 
     rj = json_dumps(rows, JSON_COMPACT);
     aj = json_dumps(job->attempts, JSON_COMPACT);
@@ -3135,9 +3136,10 @@ sg_dlv_job_record(sg_dlv_job_t *job)
     params[1] = sg_dlv.worker_id;
     params[2] = (char *) job->id;
     params[3] = aj;
-    params[4] = (char *) ids;
+    params[4] = min;
+    params[5] = max;
 
-    i = (sg_pg_exec(sg_worker.pg, &sg_dlv_record_stmt, 5, params,
+    i = (sg_pg_exec(sg_worker.pg, &sg_dlv_record_stmt, 6, params,
                     sg_dlv_job_recorded, job)
          == NGX_OK);
 
