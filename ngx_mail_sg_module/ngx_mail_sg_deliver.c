@@ -2078,16 +2078,30 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
 
     sg_tls_decide(&f, &d);
 
-    if (d.skip) {
-        if (sess->client) {
-            /* kept for this host, which is now skipped */
-            sg_client_close(sess->client);
-            sess->client = NULL;
-        }
+    if (d.skip && sess->client) {
+        /*
+         * kept for this host, which this job skips: the job walks the
+         * MX hosts from the first, without it
+         */
+        sg_client_close(sess->client);
+        sess->client = NULL;
+        sess->host = 0;
+        sess->addr = 0;
+        sg_dlv_sess_decide(sess);
+        return;
+    }
 
+    if (d.skip) {
         sess->decision = d;
         sess->tried++;
-        sess->policy_fail += d.bounce;
+
+        /*
+         * a policy that could not be fetched is a transient failure: a
+         * flagged message waits for it rather than bounce (RFC 8689, 4.1
+         * needs the policy)
+         */
+        sess->policy_fail += d.bounce
+                             && !(dest->sts && dest->sts->result_type);
         ngx_snprintf(sess->reason, sizeof(sess->reason) - 1, "%V: %s%Z",
                      &h->name, d.reason);
         sg_dlv_sess_note(sess);
@@ -2102,24 +2116,30 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
 
     /* a kept connection serves the job if it was opened the same way */
 
-    if (sess->client
-        && sg_client_info(sess->client)->step != SG_CLIENT_OK)
-    {
-        /* the peer closed it while it was idle */
-        sg_client_close(sess->client);
-        sess->client = NULL;
-    }
-
     if (sess->client) {
-        if (sess->decision.level == d.level
+        if (sg_client_info(sess->client)->step == SG_CLIENT_OK
+            && sess->decision.level == d.level
             && sess->decision.need_requiretls == d.need_requiretls)
         {
+            /* this job's decision: its rule, reason, REQUIRETLS */
+            sess->decision = d;
             sg_dlv_sess_send(sess);
             return;
         }
 
+        /*
+         * the peer closed it while it was idle, or it was opened another
+         * way: the job walks the MX hosts from the first
+         */
         sg_client_close(sess->client);
         sess->client = NULL;
+
+        if (sess->host != 0 || sess->addr != 0) {
+            sess->host = 0;
+            sess->addr = 0;
+            sg_dlv_sess_decide(sess);
+            return;
+        }
     }
 
     sess->decision = d;

@@ -66,11 +66,16 @@ def mail_lines(sink):
 
 
 def nothing_in_clear(sink):
-    """No MAIL, RCPT or DATA outside TLS, and no message data at all."""
+    """Nothing of the message reached the sink (RFC 8689, 4.1: no
+    transmission): no MAIL, RCPT or DATA at all, in clear or in TLS, and
+    none of it in the raw bytes received before TLS or after STARTTLS
+    ahead of the handshake."""
     for s in sink.sessions:
-        for c in s.commands:
-            assert c.tls or c.verb not in ("MAIL", "RCPT", "DATA", "BDAT"), \
-                s.commands
+        verbs = [c.verb for c in s.commands]
+        assert not set(verbs) & {"MAIL", "RCPT", "DATA", "BDAT"}, verbs
+        for raw in (s.raw_clear, s.starttls_injected):
+            assert b"MAIL FROM" not in (raw or b"").upper(), raw
+    assert not sink.transactions
     assert not sink.messages
 
 
