@@ -28,7 +28,9 @@ Measured:
      sink counted the 5000th message); CPU seconds of the server's
      processes per 1000 messages; peak RSS of the server's processes.
 
-Prints the table and writes docs/benchmarks.md. Environment:
+Prints the table and writes docs/benchmarks.md, followed by the
+hand-written bench/where-time-goes.md (a profile, bench/profile.py).
+Environment:
 BENCH_MESSAGES (5000), BENCH_IDLE (10000), BENCH_TLS_FRONT (nginx|stunnel),
 BENCH_STALL (20: seconds without progress at the sink before a run is
 given up), BENCH_BUDGET (540: seconds; runs that would start later are
@@ -70,6 +72,8 @@ from sginstance import (InstanceError, Nginx, Postgres, Redis,  # noqa: E402
 MODULE_SO = os.environ.get("BENCH_MODULE_SO") or os.path.join(
     PROJECT, "build", "ngx_sg_module.so")
 DOC = os.environ.get("BENCH_DOC") or os.path.join(PROJECT, "docs", "benchmarks.md")
+# appended to DOC as it is: where sg's time goes, measured by hand
+TIME_NOTES = os.path.join(HERE, "where-time-goes.md")
 MESSAGES = int(os.environ.get("BENCH_MESSAGES") or 5000)
 IDLE = int(os.environ.get("BENCH_IDLE") or 10000)
 TLS_FRONT = os.environ.get("BENCH_TLS_FRONT") or "nginx"
@@ -1507,6 +1511,10 @@ servers, and stops (by pid) and removes everything.
         sg_greeted=sgr.get("idle", {}).get("greeted", "–"),
         pf_greeted=results["Postfix"].get("idle", {}).get("greeted", "–"),
         problems=problems_text)
+    # hand-written: a profile (bench/profile.py) of the current code
+    if os.path.exists(TIME_NOTES):
+        with open(TIME_NOTES) as f:
+            doc += "\n" + f.read()
     os.makedirs(os.path.dirname(DOC), exist_ok=True)
     with open(DOC + ".tmp", "w") as f:
         f.write(doc)
