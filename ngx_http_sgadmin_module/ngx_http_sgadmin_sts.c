@@ -32,9 +32,6 @@
 #include "sg_sts.h"
 
 
-#define NGX_HTTP_SGADMIN_STS_COUNT      "1000"     /* SCAN ... COUNT */
-#define NGX_HTTP_SGADMIN_STS_SCANS_MAX  1000
-#define NGX_HTTP_SGADMIN_STS_KEYS_MAX   10000
 #define NGX_HTTP_SGADMIN_STS_BENCH_MAX  1000000
 
 
@@ -63,11 +60,6 @@ typedef struct {
     ngx_str_t                     domain;      /* NUL-terminated */
     sg_sts_req_t                 *sts;
 
-    /* the list */
-    ngx_array_t                   keys;        /* ngx_str_t */
-    ngx_uint_t                    scans;
-    u_char                        cursor[NGX_INT64_LEN + 1];
-
     /* ?bench=N */
     ngx_uint_t                    bench_n;
     ngx_uint_t                    bench_done;
@@ -85,16 +77,10 @@ typedef struct {
 
 
 static ngx_http_sgadmin_sts_t *ngx_http_sgadmin_sts_create(
-    ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx, ngx_uint_t domain);
+    ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx);
 static void ngx_http_sgadmin_sts_cleanup(void *data);
-static void ngx_http_sgadmin_sts_scan(ngx_http_sgadmin_sts_t *st);
-static void ngx_http_sgadmin_sts_scanned(void *data, redisReply *reply,
-    const char *err);
-static void ngx_http_sgadmin_sts_mget(ngx_http_sgadmin_sts_t *st);
-static void ngx_http_sgadmin_sts_listed(void *data, redisReply *reply,
-    const char *err);
-static int ngx_libc_cdecl ngx_http_sgadmin_sts_cmp(const void *a,
-    const void *b);
+static void ngx_http_sgadmin_sts_listed(void *data, ngx_int_t rc,
+    ngx_str_t *keys, ngx_uint_t n, redisReply *values, const char *err);
 static json_t *ngx_http_sgadmin_sts_record(const char *data, size_t len,
     ngx_uint_t full);
 static void ngx_http_sgadmin_sts_got(void *data, redisReply *reply,
@@ -127,28 +113,14 @@ static void ngx_http_sgadmin_sts_invalid(ngx_http_request_t *r,
 void
 ngx_http_sgadmin_sts_list(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
 {
-    ngx_http_sgadmin_sts_t  *st;
-
-    st = ngx_http_sgadmin_sts_create(r, ctx, 0);
-    if (st == NULL) {
-        return;
-    }
-
-    if (ngx_array_init(&st->keys, r->pool, 16, sizeof(ngx_str_t))
-        != NGX_OK)
-    {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
-    ngx_http_sgadmin_sts_scan(st);
+    sg_redis_scan_get(sg_worker.redis, r->pool, r->connection->log,
+                      SG_STS_KEY_POLICY, ngx_http_sgadmin_sts_listed, ctx);
 }
 
 
 static ngx_http_sgadmin_sts_t *
 ngx_http_sgadmin_sts_create(ngx_http_request_t *r,
-    ngx_http_sgadmin_ctx_t *ctx, ngx_uint_t domain)
+    ngx_http_sgadmin_ctx_t *ctx)
 {
     size_t                   len;
     const char              *msg;
@@ -166,15 +138,10 @@ ngx_http_sgadmin_sts_create(ngx_http_request_t *r,
     }
 
     st->ctx = ctx;
-    st->cursor[0] = '0';
 
     /* a lookup still running when the request ends goes with it */
     cln->handler = ngx_http_sgadmin_sts_cleanup;
     cln->data = st;
-
-    if (!domain) {
-        return st;
-    }
 
     msg = sg_sts_domain(&ctx->param, buf, sizeof(buf), &len);
     if (msg) {
@@ -209,197 +176,26 @@ ngx_http_sgadmin_sts_cleanup(void *data)
 
 
 static void
-ngx_http_sgadmin_sts_scan(ngx_http_sgadmin_sts_t *st)
+ngx_http_sgadmin_sts_listed(void *data, ngx_int_t rc, ngx_str_t *keys,
+    ngx_uint_t n, redisReply *values, const char *err)
 {
-    ngx_int_t    rc;
-    const char  *argv[6];
-    size_t       argvlen[6];
-
-    argv[0] = "SCAN";
-    argv[1] = (const char *) st->cursor;
-    argv[2] = "MATCH";
-    argv[3] = SG_STS_KEY_POLICY "*";
-    argv[4] = "COUNT";
-    argv[5] = NGX_HTTP_SGADMIN_STS_COUNT;
-
-    argvlen[0] = sizeof("SCAN") - 1;
-    argvlen[1] = ngx_strlen(st->cursor);
-    argvlen[2] = sizeof("MATCH") - 1;
-    argvlen[3] = sizeof(SG_STS_KEY_POLICY "*") - 1;
-    argvlen[4] = sizeof("COUNT") - 1;
-    argvlen[5] = sizeof(NGX_HTTP_SGADMIN_STS_COUNT) - 1;
-
-    rc = sg_worker.redis
-         ? sg_redis_command_argv(sg_worker.redis,
-                                 ngx_http_sgadmin_sts_scanned, st, 6, argv,
-                                 argvlen)
-         : NGX_DECLINED;
-
-    if (rc != NGX_OK) {
-        ngx_http_sgadmin_sts_redis_down(st->ctx->request,
-                                        sg_redis_last_error(sg_worker.redis),
-                                        NULL);
-    }
-}
-
-
-static void
-ngx_http_sgadmin_sts_scanned(void *data, redisReply *reply, const char *err)
-{
-    ngx_http_sgadmin_sts_t  *st = data;
-
-    size_t               i;
-    ngx_str_t           *key;
-    redisReply          *keys, *k;
-    ngx_http_request_t  *r;
-
-    r = st->ctx->request;
-
-    if (err) {
-        ngx_http_sgadmin_sts_redis_down(r, err, NULL);
-        return;
-    }
-
-    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2
-        || reply->element[0]->type != REDIS_REPLY_STRING
-        || reply->element[0]->len > NGX_INT64_LEN
-        || reply->element[1]->type != REDIS_REPLY_ARRAY)
-    {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "Redis gave an unexpected reply",
-                                 NULL);
-        return;
-    }
-
-    keys = reply->element[1];
-
-    for (i = 0; i < keys->elements; i++) {
-        k = keys->element[i];
-
-        if (k->type != REDIS_REPLY_STRING
-            || k->len <= sizeof(SG_STS_KEY_POLICY) - 1
-            || st->keys.nelts >= NGX_HTTP_SGADMIN_STS_KEYS_MAX)
-        {
-            continue;
-        }
-
-        key = ngx_array_push(&st->keys);
-        if (key == NULL) {
-            ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                     "internal", "out of memory", NULL);
-            return;
-        }
-
-        key->len = k->len;
-        key->data = ngx_pnalloc(r->pool, k->len);
-        if (key->data == NULL) {
-            ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                     "internal", "out of memory", NULL);
-            return;
-        }
-
-        ngx_memcpy(key->data, k->str, k->len);
-    }
-
-    ngx_memcpy(st->cursor, reply->element[0]->str, reply->element[0]->len);
-    st->cursor[reply->element[0]->len] = '\0';
-
-    if (ngx_strcmp(st->cursor, "0") == 0
-        || ++st->scans >= NGX_HTTP_SGADMIN_STS_SCANS_MAX
-        || st->keys.nelts >= NGX_HTTP_SGADMIN_STS_KEYS_MAX)
-    {
-        ngx_http_sgadmin_sts_mget(st);
-        return;
-    }
-
-    ngx_http_sgadmin_sts_scan(st);
-}
-
-
-static void
-ngx_http_sgadmin_sts_mget(ngx_http_sgadmin_sts_t *st)
-{
-    size_t              *argvlen;
-    ngx_int_t            rc;
-    ngx_str_t           *keys;
-    ngx_uint_t           i, n;
-    const char         **argv;
-    ngx_http_request_t  *r;
-
-    r = st->ctx->request;
-    keys = st->keys.elts;
-
-    if (st->keys.nelts == 0) {
-        ngx_http_sgadmin_send_text(r, NGX_HTTP_OK,
-                                   "{\"items\":[],\"next_cursor\":null}",
-                                   sizeof("{\"items\":[],\"next_cursor\":null}")
-                                   - 1, NULL);
-        return;
-    }
-
-    /* in order, once each: SCAN may name a key twice */
-
-    ngx_qsort(keys, st->keys.nelts, sizeof(ngx_str_t),
-              ngx_http_sgadmin_sts_cmp);
-
-    for (i = 1, n = 1; i < st->keys.nelts; i++) {
-        if (ngx_http_sgadmin_sts_cmp(&keys[n - 1], &keys[i]) != 0) {
-            keys[n++] = keys[i];
-        }
-    }
-
-    st->keys.nelts = n;
-
-    argv = ngx_palloc(r->pool, (n + 1) * sizeof(char *));
-    argvlen = ngx_palloc(r->pool, (n + 1) * sizeof(size_t));
-
-    if (argv == NULL || argvlen == NULL) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
-    argv[0] = "MGET";
-    argvlen[0] = sizeof("MGET") - 1;
-
-    for (i = 0; i < n; i++) {
-        argv[i + 1] = (const char *) keys[i].data;
-        argvlen[i + 1] = keys[i].len;
-    }
-
-    rc = sg_redis_command_argv(sg_worker.redis, ngx_http_sgadmin_sts_listed,
-                               st, (int) n + 1, argv, argvlen);
-    if (rc != NGX_OK) {
-        ngx_http_sgadmin_sts_redis_down(r,
-                                        sg_redis_last_error(sg_worker.redis),
-                                        NULL);
-    }
-}
-
-
-static void
-ngx_http_sgadmin_sts_listed(void *data, redisReply *reply, const char *err)
-{
-    ngx_http_sgadmin_sts_t  *st = data;
+    ngx_http_sgadmin_ctx_t  *ctx = data;
 
     json_t              *doc, *items, *item;
     ngx_uint_t           i;
     redisReply          *v;
     ngx_http_request_t  *r;
 
-    r = st->ctx->request;
+    r = ctx->request;
 
-    if (err) {
+    if (rc == NGX_DECLINED) {
         ngx_http_sgadmin_sts_redis_down(r, err, NULL);
         return;
     }
 
-    if (reply->type != REDIS_REPLY_ARRAY
-        || reply->elements != st->keys.nelts)
-    {
+    if (rc != NGX_OK) {
         ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "Redis gave an unexpected reply",
-                                 NULL);
+                                 "internal", err, NULL);
         return;
     }
 
@@ -412,8 +208,8 @@ ngx_http_sgadmin_sts_listed(void *data, redisReply *reply, const char *err)
         return;
     }
 
-    for (i = 0; i < reply->elements; i++) {
-        v = reply->element[i];
+    for (i = 0; i < n; i++) {
+        v = values->element[i];
 
         /* expired between SCAN and MGET */
         if (v->type != REDIS_REPLY_STRING) {
@@ -428,19 +224,6 @@ ngx_http_sgadmin_sts_listed(void *data, redisReply *reply, const char *err)
 
     ngx_http_sgadmin_send_json(r, NGX_HTTP_OK, doc);
     json_decref(doc);
-}
-
-
-static int ngx_libc_cdecl
-ngx_http_sgadmin_sts_cmp(const void *a, const void *b)
-{
-    const ngx_str_t  *x = a, *y = b;
-
-    ngx_int_t  rc;
-
-    rc = ngx_memn2cmp(x->data, y->data, x->len, y->len);
-
-    return rc < 0 ? -1 : rc > 0;
 }
 
 
@@ -568,7 +351,7 @@ ngx_http_sgadmin_sts_get(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
         }
     }
 
-    st = ngx_http_sgadmin_sts_create(r, ctx, 1);
+    st = ngx_http_sgadmin_sts_create(r, ctx);
     if (st == NULL) {
         return;
     }
@@ -1104,7 +887,7 @@ ngx_http_sgadmin_sts_delete(ngx_http_request_t *r,
     static const char  *prefix[] = { SG_STS_KEY_POLICY, SG_STS_KEY_NONE,
                                      SG_STS_KEY_FAIL };
 
-    st = ngx_http_sgadmin_sts_create(r, ctx, 1);
+    st = ngx_http_sgadmin_sts_create(r, ctx);
     if (st == NULL) {
         return;
     }
