@@ -27,6 +27,11 @@
 #define NGX_HTTP_SGADMIN_TLSF_PREFIX     "sg:tls-failure:"
 #define NGX_HTTP_SGADMIN_TLSF_HOST_MAX   255
 
+/* what sg does while Redis is down */
+#define NGX_HTTP_SGADMIN_TLSF_FALLBACK                                       \
+    "the TLS-failure list is kept by each worker in its memory until Redis"  \
+    " is back"
+
 
 #define NGX_HTTP_SGADMIN_ROUTE_ITEM(t)                                       \
     "json_build_object('id', " t ".id, 'domain', " t ".domain,"              \
@@ -149,8 +154,6 @@ static ngx_int_t ngx_http_sgadmin_route_id(ngx_http_request_t *r,
 
 static ngx_http_sgadmin_tlsf_t *ngx_http_sgadmin_tlsf_create(
     ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx);
-static void ngx_http_sgadmin_tlsf_listed(void *data, ngx_int_t rc,
-    ngx_str_t *keys, ngx_uint_t n, redisReply *values, const char *err);
 static json_t *ngx_http_sgadmin_tlsf_item(ngx_str_t *key, redisReply *v);
 static ngx_int_t ngx_http_sgadmin_tlsf_host(ngx_http_request_t *r,
     ngx_str_t *param, ngx_str_t *host);
@@ -161,8 +164,8 @@ static void ngx_http_sgadmin_tlsf_error(ngx_http_sgadmin_tlsf_t *tf,
 static void ngx_http_sgadmin_tlsf_notify(ngx_http_sgadmin_tlsf_t *tf);
 static void ngx_http_sgadmin_tlsf_notified(void *data, PGresult *res,
     const char *err, const char *sqlstate);
-static void ngx_http_sgadmin_redis_down(ngx_http_request_t *r,
-    const char *err, const char *more);
+static void ngx_http_sgadmin_redis_listed(void *data, ngx_int_t rc,
+    ngx_str_t *keys, ngx_uint_t n, redisReply *values, const char *err);
 
 
 /* routes */
@@ -427,9 +430,9 @@ void
 ngx_http_sgadmin_tls_failures_list(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {
-    sg_redis_scan_get(sg_worker.redis, r->pool, r->connection->log,
-                      NGX_HTTP_SGADMIN_TLSF_PREFIX,
-                      ngx_http_sgadmin_tlsf_listed, ctx);
+    ngx_http_sgadmin_redis_list(r, NGX_HTTP_SGADMIN_TLSF_PREFIX,
+                                ngx_http_sgadmin_tlsf_item,
+                                NGX_HTTP_SGADMIN_TLSF_FALLBACK);
 }
 
 
@@ -449,56 +452,6 @@ ngx_http_sgadmin_tlsf_create(ngx_http_request_t *r,
     tf->ctx = ctx;
 
     return tf;
-}
-
-
-static void
-ngx_http_sgadmin_tlsf_listed(void *data, ngx_int_t rc, ngx_str_t *keys,
-    ngx_uint_t n, redisReply *values, const char *err)
-{
-    ngx_http_sgadmin_ctx_t  *ctx = data;
-
-    json_t              *doc, *items, *item;
-    ngx_uint_t           i;
-    ngx_http_request_t  *r;
-
-    r = ctx->request;
-
-    if (rc == NGX_DECLINED) {
-        ngx_http_sgadmin_redis_down(r, err, NULL);
-        return;
-    }
-
-    if (rc != NGX_OK) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", err, NULL);
-        return;
-    }
-
-    items = json_array();
-    doc = json_pack("{s:o,s:n}", "items", items, "next_cursor");
-
-    if (doc == NULL) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
-    for (i = 0; i < n; i++) {
-
-        /* expired between SCAN and MGET */
-        if (values->element[i]->type != REDIS_REPLY_STRING) {
-            continue;
-        }
-
-        item = ngx_http_sgadmin_tlsf_item(&keys[i], values->element[i]);
-        if (item) {
-            json_array_append_new(items, item);
-        }
-    }
-
-    ngx_http_sgadmin_send_json(r, NGX_HTTP_OK, doc);
-    json_decref(doc);
 }
 
 
@@ -752,6 +705,7 @@ ngx_http_sgadmin_tlsf_notified(void *data, PGresult *res, const char *err,
 
     if (tf->redis_err) {
         ngx_http_sgadmin_redis_down(r, tf->redis_err,
+                                    NGX_HTTP_SGADMIN_TLSF_FALLBACK,
                                     "; every worker was told to drop the"
                                     " host from the list it keeps in memory");
         return;
@@ -772,9 +726,95 @@ ngx_http_sgadmin_tlsf_notified(void *data, PGresult *res, const char *err,
 }
 
 
+/*
+ * The lists the admin API keeps in Redis (the TLS-failure list here, the
+ * MTA-STS policies in ngx_http_sgadmin_sts.c): every key of a prefix and
+ * its value, read with sg_redis_scan_get() and answered as
+ * {"items": [...], "next_cursor": null}.
+ */
+
+typedef struct {
+    ngx_http_request_t           *request;
+    ngx_http_sgadmin_item_pt      item;
+    const char                   *fallback;
+} ngx_http_sgadmin_redis_list_t;
+
+
+void
+ngx_http_sgadmin_redis_list(ngx_http_request_t *r, const char *prefix,
+    ngx_http_sgadmin_item_pt item, const char *fallback)
+{
+    ngx_http_sgadmin_redis_list_t  *rl;
+
+    rl = ngx_palloc(r->pool, sizeof(ngx_http_sgadmin_redis_list_t));
+    if (rl == NULL) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", "out of memory", NULL);
+        return;
+    }
+
+    rl->request = r;
+    rl->item = item;
+    rl->fallback = fallback;
+
+    sg_redis_scan_get(sg_worker.redis, r->pool, r->connection->log, prefix,
+                      ngx_http_sgadmin_redis_listed, rl);
+}
+
+
 static void
+ngx_http_sgadmin_redis_listed(void *data, ngx_int_t rc, ngx_str_t *keys,
+    ngx_uint_t n, redisReply *values, const char *err)
+{
+    ngx_http_sgadmin_redis_list_t  *rl = data;
+
+    json_t              *doc, *items, *item;
+    ngx_uint_t           i;
+    ngx_http_request_t  *r;
+
+    r = rl->request;
+
+    if (rc == NGX_DECLINED) {
+        ngx_http_sgadmin_redis_down(r, err, rl->fallback, NULL);
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", err, NULL);
+        return;
+    }
+
+    items = json_array();
+    doc = json_pack("{s:o,s:n}", "items", items, "next_cursor");
+
+    if (doc == NULL) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", "out of memory", NULL);
+        return;
+    }
+
+    for (i = 0; i < n; i++) {
+
+        /* expired between SCAN and MGET */
+        if (values->element[i]->type != REDIS_REPLY_STRING) {
+            continue;
+        }
+
+        item = rl->item(&keys[i], values->element[i]);
+        if (item) {
+            json_array_append_new(items, item);
+        }
+    }
+
+    ngx_http_sgadmin_send_json(r, NGX_HTTP_OK, doc);
+    json_decref(doc);
+}
+
+
+void
 ngx_http_sgadmin_redis_down(ngx_http_request_t *r, const char *err,
-    const char *more)
+    const char *fallback, const char *more)
 {
     char  detail[512];
 
@@ -786,9 +826,8 @@ ngx_http_sgadmin_redis_down(ngx_http_request_t *r, const char *err,
                   "sgadmin: %V: redis unavailable: %s", &r->uri, err);
 
     ngx_snprintf((u_char *) detail, sizeof(detail) - 1,
-                 "Redis is unavailable (%s): the TLS-failure list is kept"
-                 " by each worker in its memory until Redis is back%s%Z",
-                 err, more ? more : "");
+                 "Redis is unavailable (%s): %s%s%Z",
+                 err, fallback, more ? more : "");
 
     ngx_http_sgadmin_problem(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                              "redis-unavailable", detail, NULL);

@@ -34,6 +34,11 @@
 
 #define NGX_HTTP_SGADMIN_STS_BENCH_MAX  1000000
 
+/* what sg does while Redis is down */
+#define NGX_HTTP_SGADMIN_STS_FALLBACK                                        \
+    "MTA-STS policies are fetched directly and kept by each worker in its"   \
+    " memory until Redis is back"
+
 
 /* GET the policy, DEL the three keys of a domain; {old value, count} */
 
@@ -79,8 +84,7 @@ typedef struct {
 static ngx_http_sgadmin_sts_t *ngx_http_sgadmin_sts_create(
     ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx);
 static void ngx_http_sgadmin_sts_cleanup(void *data);
-static void ngx_http_sgadmin_sts_listed(void *data, ngx_int_t rc,
-    ngx_str_t *keys, ngx_uint_t n, redisReply *values, const char *err);
+static json_t *ngx_http_sgadmin_sts_item(ngx_str_t *key, redisReply *v);
 static json_t *ngx_http_sgadmin_sts_record(const char *data, size_t len,
     ngx_uint_t full);
 static void ngx_http_sgadmin_sts_got(void *data, redisReply *reply,
@@ -102,8 +106,6 @@ static void ngx_http_sgadmin_sts_evicted(void *data, redisReply *reply,
 static void ngx_http_sgadmin_sts_notify(ngx_http_sgadmin_sts_t *st);
 static void ngx_http_sgadmin_sts_notified(void *data, PGresult *res,
     const char *err, const char *sqlstate);
-static void ngx_http_sgadmin_sts_redis_down(ngx_http_request_t *r,
-    const char *err, const char *more);
 static void ngx_http_sgadmin_sts_invalid(ngx_http_request_t *r,
     const char *field, const char *message);
 
@@ -113,8 +115,9 @@ static void ngx_http_sgadmin_sts_invalid(ngx_http_request_t *r,
 void
 ngx_http_sgadmin_sts_list(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
 {
-    sg_redis_scan_get(sg_worker.redis, r->pool, r->connection->log,
-                      SG_STS_KEY_POLICY, ngx_http_sgadmin_sts_listed, ctx);
+    ngx_http_sgadmin_redis_list(r, SG_STS_KEY_POLICY,
+                                ngx_http_sgadmin_sts_item,
+                                NGX_HTTP_SGADMIN_STS_FALLBACK);
 }
 
 
@@ -175,55 +178,10 @@ ngx_http_sgadmin_sts_cleanup(void *data)
 }
 
 
-static void
-ngx_http_sgadmin_sts_listed(void *data, ngx_int_t rc, ngx_str_t *keys,
-    ngx_uint_t n, redisReply *values, const char *err)
+static json_t *
+ngx_http_sgadmin_sts_item(ngx_str_t *key, redisReply *v)
 {
-    ngx_http_sgadmin_ctx_t  *ctx = data;
-
-    json_t              *doc, *items, *item;
-    ngx_uint_t           i;
-    redisReply          *v;
-    ngx_http_request_t  *r;
-
-    r = ctx->request;
-
-    if (rc == NGX_DECLINED) {
-        ngx_http_sgadmin_sts_redis_down(r, err, NULL);
-        return;
-    }
-
-    if (rc != NGX_OK) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", err, NULL);
-        return;
-    }
-
-    items = json_array();
-    doc = json_pack("{s:o,s:n}", "items", items, "next_cursor");
-
-    if (doc == NULL) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
-    for (i = 0; i < n; i++) {
-        v = values->element[i];
-
-        /* expired between SCAN and MGET */
-        if (v->type != REDIS_REPLY_STRING) {
-            continue;
-        }
-
-        item = ngx_http_sgadmin_sts_record(v->str, v->len, 0);
-        if (item) {
-            json_array_append_new(items, item);
-        }
-    }
-
-    ngx_http_sgadmin_send_json(r, NGX_HTTP_OK, doc);
-    json_decref(doc);
+    return ngx_http_sgadmin_sts_record(v->str, v->len, 0);
 }
 
 
@@ -511,9 +469,9 @@ ngx_http_sgadmin_sts_memory(ngx_http_sgadmin_sts_t *st, const char *err)
     a = sg_sts_peek(&st->domain);
 
     if (a == NULL) {
-        ngx_http_sgadmin_sts_redis_down(r, err,
-                                        "; this worker has no policy for"
-                                        " the domain in memory");
+        ngx_http_sgadmin_redis_down(r, err, NGX_HTTP_SGADMIN_STS_FALLBACK,
+                                    "; this worker has no policy for the"
+                                    " domain in memory");
         return;
     }
 
@@ -1026,9 +984,10 @@ ngx_http_sgadmin_sts_notified(void *data, PGresult *res, const char *err,
     }
 
     if (st->redis_err) {
-        ngx_http_sgadmin_sts_redis_down(r, st->redis_err,
-                                        "; every worker was told to drop the"
-                                        " domain from its memory");
+        ngx_http_sgadmin_redis_down(r, st->redis_err,
+                                    NGX_HTTP_SGADMIN_STS_FALLBACK,
+                                    "; every worker was told to drop the"
+                                    " domain from its memory");
         return;
     }
 
@@ -1044,29 +1003,6 @@ ngx_http_sgadmin_sts_notified(void *data, PGresult *res, const char *err,
                   st->ctx->actor);
 
     ngx_http_sgadmin_no_content(r, st->ctx);
-}
-
-
-static void
-ngx_http_sgadmin_sts_redis_down(ngx_http_request_t *r, const char *err,
-    const char *more)
-{
-    char  detail[512];
-
-    if (err == NULL || err[0] == '\0') {
-        err = "not connected";
-    }
-
-    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                  "sgadmin: %V: redis unavailable: %s", &r->uri, err);
-
-    ngx_snprintf((u_char *) detail, sizeof(detail) - 1,
-                 "Redis is unavailable (%s): MTA-STS policies are fetched"
-                 " directly and kept by each worker in its memory until"
-                 " Redis is back%s%Z", err, more ? more : "");
-
-    ngx_http_sgadmin_problem(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                             "redis-unavailable", detail, NULL);
 }
 
 
