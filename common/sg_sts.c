@@ -212,6 +212,8 @@ static void sg_sts_job_free(sg_sts_job_t *job);
 static void sg_sts_redis_store(sg_sts_pol_t *pol);
 static void sg_sts_redis_fail(ngx_str_t *domain, sg_sts_fail_t *fail);
 static void sg_sts_redis_negative(ngx_str_t *domain, const char *why);
+static void sg_sts_redis_setex(const char *prefix, size_t len,
+    ngx_str_t *domain, const char *value, time_t ttl);
 static void sg_sts_redis_done(void *data, redisReply *reply,
     const char *err);
 static void sg_sts_redis_problem(const char *err);
@@ -2328,12 +2330,7 @@ sg_sts_redis_store(sg_sts_pol_t *pol)
 static void
 sg_sts_redis_fail(ngx_str_t *domain, sg_sts_fail_t *fail)
 {
-    char        *json;
-    u_char      *p;
-    const char  *argv[5];
-    size_t       argvlen[5];
-    u_char       key[sizeof(SG_STS_KEY_FAIL) + SG_STS_DOMAIN_MAX];
-    u_char       ttl[NGX_TIME_T_LEN + 1];
+    char  *json;
 
     if (sg_worker.redis == NULL || sg_sts.conf->failure_backoff <= 0) {
         return;
@@ -2345,26 +2342,8 @@ sg_sts_redis_fail(ngx_str_t *domain, sg_sts_fail_t *fail)
         return;
     }
 
-    p = ngx_cpymem(key, SG_STS_KEY_FAIL, sizeof(SG_STS_KEY_FAIL) - 1);
-    p = ngx_cpymem(p, domain->data, domain->len);
-
-    argv[0] = "SET";
-    argvlen[0] = 3;
-    argv[1] = (const char *) key;
-    argvlen[1] = p - key;
-    argv[2] = json;
-    argvlen[2] = ngx_strlen(json);
-    argv[3] = "EX";
-    argvlen[3] = 2;
-    argv[4] = (const char *) ttl;
-    argvlen[4] = ngx_sprintf(ttl, "%T", sg_sts.conf->failure_backoff) - ttl;
-
-    if (sg_redis_command_argv(sg_worker.redis, sg_sts_redis_done, NULL, 5,
-                              argv, argvlen)
-        != NGX_OK)
-    {
-        sg_sts_redis_problem(sg_redis_last_error(sg_worker.redis));
-    }
+    sg_sts_redis_setex(SG_STS_KEY_FAIL, sizeof(SG_STS_KEY_FAIL) - 1, domain,
+                       json, sg_sts.conf->failure_backoff);
 
     free(json);
 }
@@ -2373,12 +2352,7 @@ sg_sts_redis_fail(ngx_str_t *domain, sg_sts_fail_t *fail)
 static void
 sg_sts_redis_negative(ngx_str_t *domain, const char *why)
 {
-    char        *json;
-    u_char      *p;
-    const char  *argv[5];
-    size_t       argvlen[5];
-    u_char       key[sizeof(SG_STS_KEY_NONE) + SG_STS_DOMAIN_MAX];
-    u_char       ttl[NGX_TIME_T_LEN + 1];
+    char  *json;
 
     if (sg_worker.redis == NULL) {
         return;
@@ -2389,19 +2363,42 @@ sg_sts_redis_negative(ngx_str_t *domain, const char *why)
         return;
     }
 
-    p = ngx_cpymem(key, SG_STS_KEY_NONE, sizeof(SG_STS_KEY_NONE) - 1);
+    sg_sts_redis_setex(SG_STS_KEY_NONE, sizeof(SG_STS_KEY_NONE) - 1, domain,
+                       json, sg_sts.conf->negative_ttl);
+
+    free(json);
+}
+
+
+/* SET <prefix><domain> value EX ttl */
+
+static void
+sg_sts_redis_setex(const char *prefix, size_t len, ngx_str_t *domain,
+    const char *value, time_t ttl)
+{
+    u_char      *p;
+    const char  *argv[5];
+    size_t       argvlen[5];
+    u_char       key[sizeof(SG_STS_KEY_FAIL) + SG_STS_DOMAIN_MAX];
+    u_char       ttlbuf[NGX_TIME_T_LEN + 1];
+
+    if (len + domain->len > sizeof(key)) {
+        return;
+    }
+
+    p = ngx_cpymem(key, prefix, len);
     p = ngx_cpymem(p, domain->data, domain->len);
 
     argv[0] = "SET";
     argvlen[0] = 3;
     argv[1] = (const char *) key;
     argvlen[1] = p - key;
-    argv[2] = json;
-    argvlen[2] = ngx_strlen(json);
+    argv[2] = value;
+    argvlen[2] = ngx_strlen(value);
     argv[3] = "EX";
     argvlen[3] = 2;
-    argv[4] = (const char *) ttl;
-    argvlen[4] = ngx_sprintf(ttl, "%T", sg_sts.conf->negative_ttl) - ttl;
+    argv[4] = (const char *) ttlbuf;
+    argvlen[4] = ngx_sprintf(ttlbuf, "%T", ttl) - ttlbuf;
 
     if (sg_redis_command_argv(sg_worker.redis, sg_sts_redis_done, NULL, 5,
                               argv, argvlen)
@@ -2409,8 +2406,6 @@ sg_sts_redis_negative(ngx_str_t *domain, const char *why)
     {
         sg_sts_redis_problem(sg_redis_last_error(sg_worker.redis));
     }
-
-    free(json);
 }
 
 
