@@ -605,6 +605,36 @@ sg_sts_forget(ngx_str_t *domain)
 }
 
 
+ngx_int_t
+sg_sts_keys(ngx_str_t *domain, u_char *buf, const char **argv,
+    size_t *argvlen)
+{
+    u_char      *p;
+    ngx_uint_t   i;
+
+    static const ngx_str_t  prefix[] = {
+        ngx_string(SG_STS_KEY_POLICY),
+        ngx_string(SG_STS_KEY_NONE),
+        ngx_string(SG_STS_KEY_FAIL)
+    };
+
+    if (domain->len > SG_STS_DOMAIN_MAX) {
+        return NGX_ERROR;
+    }
+
+    p = buf;
+
+    for (i = 0; i < 3; i++) {
+        argv[i] = (const char *) p;
+        p = ngx_cpymem(p, prefix[i].data, prefix[i].len);
+        p = ngx_cpymem(p, domain->data, domain->len);
+        argvlen[i] = p - (u_char *) argv[i];
+    }
+
+    return NGX_OK;
+}
+
+
 const char *
 sg_sts_domain(ngx_str_t *in, u_char *out, size_t size, size_t *len)
 {
@@ -1128,15 +1158,11 @@ sg_sts_job_run(sg_sts_job_t *job)
 static ngx_int_t
 sg_sts_redis_read(sg_sts_job_t *job)
 {
-    u_char         *p;
     ngx_int_t       rc;
-    ngx_uint_t      i;
     const char     *argv[4];
     size_t          argvlen[4];
     sg_sts_rctx_t  *rctx;
-
-    static const char  *prefix[] = { SG_STS_KEY_POLICY, SG_STS_KEY_NONE,
-                                     SG_STS_KEY_FAIL };
+    u_char          keys[SG_STS_KEYS_LEN];
 
     job->redis_read = 1;
 
@@ -1147,17 +1173,8 @@ sg_sts_redis_read(sg_sts_job_t *job)
     argv[0] = "MGET";
     argvlen[0] = 4;
 
-    for (i = 0; i < 3; i++) {
-        p = ngx_pnalloc(job->pool, ngx_strlen(prefix[i]) + job->domain.len);
-        if (p == NULL) {
-            return NGX_ERROR;
-        }
-
-        argv[i + 1] = (const char *) p;
-        argvlen[i + 1] = ngx_cpymem(ngx_cpymem(p, prefix[i],
-                                               ngx_strlen(prefix[i])),
-                                    job->domain.data, job->domain.len)
-                         - p;
+    if (sg_sts_keys(&job->domain, keys, &argv[1], &argvlen[1]) != NGX_OK) {
+        return NGX_ERROR;
     }
 
     rctx = sg_sts_rctx_new(job, &job->domain, SG_STS_R_READ);
@@ -2527,16 +2544,20 @@ sg_sts_timer_handler(ngx_event_t *ev)
 static void
 sg_sts_refresh_start(sg_sts_entry_t *e)
 {
-    u_char         *p;
     const char     *argv[4];
     size_t          argvlen[4];
     sg_sts_rctx_t  *rctx;
-    u_char          k0[sizeof(SG_STS_KEY_POLICY) + SG_STS_DOMAIN_MAX];
-    u_char          k1[sizeof(SG_STS_KEY_NONE) + SG_STS_DOMAIN_MAX];
-    u_char          k2[sizeof(SG_STS_KEY_FAIL) + SG_STS_DOMAIN_MAX];
+    u_char          keys[SG_STS_KEYS_LEN];
 
     if (sg_worker.redis == NULL || !sg_redis_up(sg_worker.redis)) {
         sg_sts_background(&e->sn.str);
+        return;
+    }
+
+    argv[0] = "MGET";
+    argvlen[0] = 4;
+
+    if (sg_sts_keys(&e->sn.str, keys, &argv[1], &argvlen[1]) != NGX_OK) {
         return;
     }
 
@@ -2544,24 +2565,6 @@ sg_sts_refresh_start(sg_sts_entry_t *e)
     if (rctx == NULL) {
         return;
     }
-
-    argv[0] = "MGET";
-    argvlen[0] = 4;
-
-    p = ngx_cpymem(k0, SG_STS_KEY_POLICY, sizeof(SG_STS_KEY_POLICY) - 1);
-    p = ngx_cpymem(p, e->sn.str.data, e->sn.str.len);
-    argv[1] = (const char *) k0;
-    argvlen[1] = p - k0;
-
-    p = ngx_cpymem(k1, SG_STS_KEY_NONE, sizeof(SG_STS_KEY_NONE) - 1);
-    p = ngx_cpymem(p, e->sn.str.data, e->sn.str.len);
-    argv[2] = (const char *) k1;
-    argvlen[2] = p - k1;
-
-    p = ngx_cpymem(k2, SG_STS_KEY_FAIL, sizeof(SG_STS_KEY_FAIL) - 1);
-    p = ngx_cpymem(p, e->sn.str.data, e->sn.str.len);
-    argv[3] = (const char *) k2;
-    argvlen[3] = p - k2;
 
     if (sg_redis_command_argv(sg_worker.redis, sg_sts_redis_got, rctx, 4,
                               argv, argvlen)

@@ -84,8 +84,6 @@ typedef struct {
 static ngx_http_sgadmin_sts_t *ngx_http_sgadmin_sts_create(
     ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx);
 static void ngx_http_sgadmin_sts_cleanup(void *data);
-static ngx_int_t ngx_http_sgadmin_sts_keys(ngx_http_sgadmin_sts_t *st,
-    const char **argv, size_t *argvlen);
 static json_t *ngx_http_sgadmin_sts_item(ngx_str_t *key, redisReply *v);
 static json_t *ngx_http_sgadmin_sts_record(const char *data, size_t len,
     ngx_uint_t full);
@@ -180,42 +178,6 @@ ngx_http_sgadmin_sts_cleanup(void *data)
 }
 
 
-/* the domain's three keys: its policy, "no policy", its last failure */
-
-static ngx_int_t
-ngx_http_sgadmin_sts_keys(ngx_http_sgadmin_sts_t *st, const char **argv,
-    size_t *argvlen)
-{
-    u_char              *p;
-    size_t               len;
-    ngx_uint_t           i;
-    ngx_http_request_t  *r;
-
-    static const char  *prefix[] = { SG_STS_KEY_POLICY, SG_STS_KEY_NONE,
-                                     SG_STS_KEY_FAIL };
-
-    r = st->ctx->request;
-
-    for (i = 0; i < 3; i++) {
-        len = ngx_strlen(prefix[i]);
-
-        p = ngx_pnalloc(r->pool, len + st->domain.len);
-        if (p == NULL) {
-            ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                     "internal", "out of memory", NULL);
-            return NGX_ERROR;
-        }
-
-        argv[i] = (const char *) p;
-        argvlen[i] = ngx_cpymem(ngx_cpymem(p, prefix[i], len),
-                                st->domain.data, st->domain.len)
-                     - p;
-    }
-
-    return NGX_OK;
-}
-
-
 static json_t *
 ngx_http_sgadmin_sts_item(ngx_str_t *key, redisReply *v)
 {
@@ -287,6 +249,7 @@ ngx_http_sgadmin_sts_get(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
     const char              *argv[4];
     size_t                   argvlen[4];
     ngx_http_sgadmin_sts_t  *st;
+    u_char                   keys[SG_STS_KEYS_LEN];
 
     refresh = 0;
     lookup = 0;
@@ -384,7 +347,9 @@ ngx_http_sgadmin_sts_get(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
     argv[0] = "MGET";
     argvlen[0] = 4;
 
-    if (ngx_http_sgadmin_sts_keys(st, &argv[1], &argvlen[1]) != NGX_OK) {
+    if (sg_sts_keys(&st->domain, keys, &argv[1], &argvlen[1]) != NGX_OK) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", "the domain is too long", NULL);
         return;
     }
 
@@ -862,6 +827,7 @@ ngx_http_sgadmin_sts_delete(ngx_http_request_t *r,
     const char              *argv[6];
     size_t                   argvlen[6];
     ngx_http_sgadmin_sts_t  *st;
+    u_char                   keys[SG_STS_KEYS_LEN];
 
     st = ngx_http_sgadmin_sts_create(r, ctx);
     if (st == NULL) {
@@ -875,7 +841,9 @@ ngx_http_sgadmin_sts_delete(ngx_http_request_t *r,
     argv[2] = "3";
     argvlen[2] = 1;
 
-    if (ngx_http_sgadmin_sts_keys(st, &argv[3], &argvlen[3]) != NGX_OK) {
+    if (sg_sts_keys(&st->domain, keys, &argv[3], &argvlen[3]) != NGX_OK) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", "the domain is too long", NULL);
         return;
     }
 
