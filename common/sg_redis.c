@@ -17,6 +17,19 @@ typedef struct {
 } sg_redis_req_t;
 
 
+typedef struct {
+    sg_redis_t                *redis;
+    ngx_pool_t                *pool;
+    ngx_log_t                 *log;
+    ngx_str_t                  match;      /* <prefix>* */
+    ngx_array_t                keys;       /* ngx_str_t */
+    ngx_uint_t                 scans;
+    sg_redis_scan_handler_pt   handler;
+    void                      *data;
+    u_char                     cursor[NGX_INT64_LEN + 1];
+} sg_redis_scan_t;
+
+
 struct sg_redis_s {
     ngx_log_t              *log;
     redisAsyncContext      *ac;
@@ -47,6 +60,12 @@ static void sg_redis_req_timeout(ngx_event_t *ev);
 static sg_redis_req_t *sg_redis_req(sg_redis_t *r,
     sg_redis_handler_pt handler, void *data);
 static void sg_redis_set_error(sg_redis_t *r, const char *err);
+
+static void sg_redis_scan(sg_redis_scan_t *sc);
+static void sg_redis_scanned(void *data, redisReply *reply, const char *err);
+static void sg_redis_mget(sg_redis_scan_t *sc);
+static void sg_redis_got(void *data, redisReply *reply, const char *err);
+static int ngx_libc_cdecl sg_redis_key_cmp(const void *a, const void *b);
 
 static void sg_redis_ev_add_read(void *privdata);
 static void sg_redis_ev_del_read(void *privdata);
@@ -214,6 +233,254 @@ const char *
 sg_redis_last_error(sg_redis_t *r)
 {
     return r ? r->last_error : "not configured";
+}
+
+
+/* SCAN MATCH <prefix>*, then MGET */
+
+
+void
+sg_redis_scan_get(sg_redis_t *r, ngx_pool_t *pool, ngx_log_t *log,
+    const char *prefix, sg_redis_scan_handler_pt handler, void *data)
+{
+    size_t            len;
+    sg_redis_scan_t  *sc;
+
+    sc = ngx_pcalloc(pool, sizeof(sg_redis_scan_t));
+    if (sc == NULL) {
+        handler(data, NGX_ERROR, NULL, 0, NULL, "out of memory");
+        return;
+    }
+
+    len = ngx_strlen(prefix);
+
+    sc->match.data = ngx_pnalloc(pool, len + 1);
+
+    if (sc->match.data == NULL
+        || ngx_array_init(&sc->keys, pool, 16, sizeof(ngx_str_t)) != NGX_OK)
+    {
+        handler(data, NGX_ERROR, NULL, 0, NULL, "out of memory");
+        return;
+    }
+
+    ngx_memcpy(sc->match.data, prefix, len);
+    sc->match.data[len] = '*';
+    sc->match.len = len + 1;
+
+    sc->redis = r;
+    sc->pool = pool;
+    sc->log = log;
+    sc->handler = handler;
+    sc->data = data;
+    sc->cursor[0] = '0';
+
+    sg_redis_scan(sc);
+}
+
+
+static void
+sg_redis_scan(sg_redis_scan_t *sc)
+{
+    ngx_int_t    rc;
+    const char  *argv[6];
+    size_t       argvlen[6];
+
+    argv[0] = "SCAN";
+    argv[1] = (const char *) sc->cursor;
+    argv[2] = "MATCH";
+    argv[3] = (const char *) sc->match.data;
+    argv[4] = "COUNT";
+    argv[5] = SG_REDIS_SCAN_COUNT;
+
+    argvlen[0] = sizeof("SCAN") - 1;
+    argvlen[1] = ngx_strlen(sc->cursor);
+    argvlen[2] = sizeof("MATCH") - 1;
+    argvlen[3] = sc->match.len;
+    argvlen[4] = sizeof("COUNT") - 1;
+    argvlen[5] = sizeof(SG_REDIS_SCAN_COUNT) - 1;
+
+    /* sg_redis_command_argv() must not be given a NULL adapter */
+    rc = sc->redis ? sg_redis_command_argv(sc->redis, sg_redis_scanned, sc,
+                                           6, argv, argvlen)
+                   : NGX_DECLINED;
+
+    if (rc != NGX_OK) {
+        sc->handler(sc->data, NGX_DECLINED, NULL, 0, NULL,
+                    sg_redis_last_error(sc->redis));
+    }
+}
+
+
+/* a SCAN reply: [cursor, [key, ...]]; cursor "0" ends the iteration */
+
+static void
+sg_redis_scanned(void *data, redisReply *reply, const char *err)
+{
+    sg_redis_scan_t  *sc = data;
+
+    size_t       i;
+    ngx_str_t   *key;
+    redisReply  *keys, *k;
+
+    if (err) {
+        sc->handler(sc->data, NGX_DECLINED, NULL, 0, NULL, err);
+        return;
+    }
+
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2
+        || reply->element[0]->type != REDIS_REPLY_STRING
+        || reply->element[0]->len > NGX_INT64_LEN
+        || reply->element[1]->type != REDIS_REPLY_ARRAY)
+    {
+        ngx_log_error(NGX_LOG_ERR, sc->log, 0,
+                      "sg: redis: unexpected reply to SCAN MATCH %V",
+                      &sc->match);
+        sc->handler(sc->data, NGX_ERROR, NULL, 0, NULL,
+                    "Redis gave an unexpected reply");
+        return;
+    }
+
+    keys = reply->element[1];
+
+    for (i = 0; i < keys->elements; i++) {
+        k = keys->element[i];
+
+        if (k->type != REDIS_REPLY_STRING || k->len <= sc->match.len - 1) {
+            continue;
+        }
+
+        if (sc->keys.nelts >= SG_REDIS_SCAN_KEYS_MAX) {
+            break;
+        }
+
+        key = ngx_array_push(&sc->keys);
+        if (key == NULL) {
+            sc->handler(sc->data, NGX_ERROR, NULL, 0, NULL, "out of memory");
+            return;
+        }
+
+        key->len = k->len;
+        key->data = ngx_pnalloc(sc->pool, k->len);
+        if (key->data == NULL) {
+            sc->handler(sc->data, NGX_ERROR, NULL, 0, NULL, "out of memory");
+            return;
+        }
+
+        ngx_memcpy(key->data, k->str, k->len);
+    }
+
+    ngx_memcpy(sc->cursor, reply->element[0]->str, reply->element[0]->len);
+    sc->cursor[reply->element[0]->len] = '\0';
+
+    if (ngx_strcmp(sc->cursor, "0") == 0) {
+        sg_redis_mget(sc);
+        return;
+    }
+
+    if (++sc->scans >= SG_REDIS_SCAN_CALLS_MAX
+        || sc->keys.nelts >= SG_REDIS_SCAN_KEYS_MAX)
+    {
+        ngx_log_error(NGX_LOG_WARN, sc->log, 0,
+                      "sg: redis: SCAN MATCH %V answered incomplete:"
+                      " %ui keys after %ui calls", &sc->match,
+                      sc->keys.nelts, sc->scans);
+        sg_redis_mget(sc);
+        return;
+    }
+
+    sg_redis_scan(sc);
+}
+
+
+/* the keys in order, once each (SCAN may repeat one), and MGET */
+
+static void
+sg_redis_mget(sg_redis_scan_t *sc)
+{
+    size_t       *argvlen;
+    ngx_int_t     rc;
+    ngx_str_t    *keys;
+    ngx_uint_t    i, n;
+    const char  **argv;
+
+    keys = sc->keys.elts;
+
+    if (sc->keys.nelts == 0) {
+        sc->handler(sc->data, NGX_OK, keys, 0, NULL, NULL);
+        return;
+    }
+
+    ngx_qsort(keys, sc->keys.nelts, sizeof(ngx_str_t), sg_redis_key_cmp);
+
+    for (i = 1, n = 1; i < sc->keys.nelts; i++) {
+        if (sg_redis_key_cmp(&keys[n - 1], &keys[i]) != 0) {
+            keys[n++] = keys[i];
+        }
+    }
+
+    sc->keys.nelts = n;
+
+    argv = ngx_palloc(sc->pool, (n + 1) * sizeof(char *));
+    argvlen = ngx_palloc(sc->pool, (n + 1) * sizeof(size_t));
+
+    if (argv == NULL || argvlen == NULL) {
+        sc->handler(sc->data, NGX_ERROR, NULL, 0, NULL, "out of memory");
+        return;
+    }
+
+    argv[0] = "MGET";
+    argvlen[0] = sizeof("MGET") - 1;
+
+    for (i = 0; i < n; i++) {
+        argv[i + 1] = (const char *) keys[i].data;
+        argvlen[i + 1] = keys[i].len;
+    }
+
+    rc = sg_redis_command_argv(sc->redis, sg_redis_got, sc, (int) n + 1,
+                               argv, argvlen);
+    if (rc != NGX_OK) {
+        sc->handler(sc->data, NGX_DECLINED, NULL, 0, NULL,
+                    sg_redis_last_error(sc->redis));
+    }
+}
+
+
+static void
+sg_redis_got(void *data, redisReply *reply, const char *err)
+{
+    sg_redis_scan_t  *sc = data;
+
+    if (err) {
+        sc->handler(sc->data, NGX_DECLINED, NULL, 0, NULL, err);
+        return;
+    }
+
+    if (reply->type != REDIS_REPLY_ARRAY
+        || reply->elements != sc->keys.nelts)
+    {
+        ngx_log_error(NGX_LOG_ERR, sc->log, 0,
+                      "sg: redis: unexpected reply to MGET of %V",
+                      &sc->match);
+        sc->handler(sc->data, NGX_ERROR, NULL, 0, NULL,
+                    "Redis gave an unexpected reply");
+        return;
+    }
+
+    sc->handler(sc->data, NGX_OK, sc->keys.elts, sc->keys.nelts, reply,
+                NULL);
+}
+
+
+static int ngx_libc_cdecl
+sg_redis_key_cmp(const void *a, const void *b)
+{
+    const ngx_str_t  *x = a, *y = b;
+
+    ngx_int_t  rc;
+
+    rc = ngx_memn2cmp(x->data, y->data, x->len, y->len);
+
+    return rc < 0 ? -1 : rc > 0;
 }
 
 

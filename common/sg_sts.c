@@ -212,6 +212,8 @@ static void sg_sts_job_free(sg_sts_job_t *job);
 static void sg_sts_redis_store(sg_sts_pol_t *pol);
 static void sg_sts_redis_fail(ngx_str_t *domain, sg_sts_fail_t *fail);
 static void sg_sts_redis_negative(ngx_str_t *domain, const char *why);
+static void sg_sts_redis_setex(const char *prefix, size_t len,
+    ngx_str_t *domain, const char *value, time_t ttl);
 static void sg_sts_redis_done(void *data, redisReply *reply,
     const char *err);
 static void sg_sts_redis_problem(const char *err);
@@ -600,6 +602,36 @@ sg_sts_forget(ngx_str_t *domain)
     if (e->pins == 0) {
         sg_sts_entry_free(e);
     }
+}
+
+
+ngx_int_t
+sg_sts_keys(ngx_str_t *domain, u_char *buf, const char **argv,
+    size_t *argvlen)
+{
+    u_char      *p;
+    ngx_uint_t   i;
+
+    static const ngx_str_t  prefix[] = {
+        ngx_string(SG_STS_KEY_POLICY),
+        ngx_string(SG_STS_KEY_NONE),
+        ngx_string(SG_STS_KEY_FAIL)
+    };
+
+    if (domain->len > SG_STS_DOMAIN_MAX) {
+        return NGX_ERROR;
+    }
+
+    p = buf;
+
+    for (i = 0; i < 3; i++) {
+        argv[i] = (const char *) p;
+        p = ngx_cpymem(p, prefix[i].data, prefix[i].len);
+        p = ngx_cpymem(p, domain->data, domain->len);
+        argvlen[i] = p - (u_char *) argv[i];
+    }
+
+    return NGX_OK;
 }
 
 
@@ -1126,15 +1158,11 @@ sg_sts_job_run(sg_sts_job_t *job)
 static ngx_int_t
 sg_sts_redis_read(sg_sts_job_t *job)
 {
-    u_char         *p;
     ngx_int_t       rc;
-    ngx_uint_t      i;
     const char     *argv[4];
     size_t          argvlen[4];
     sg_sts_rctx_t  *rctx;
-
-    static const char  *prefix[] = { SG_STS_KEY_POLICY, SG_STS_KEY_NONE,
-                                     SG_STS_KEY_FAIL };
+    u_char          keys[SG_STS_KEYS_LEN];
 
     job->redis_read = 1;
 
@@ -1145,17 +1173,8 @@ sg_sts_redis_read(sg_sts_job_t *job)
     argv[0] = "MGET";
     argvlen[0] = 4;
 
-    for (i = 0; i < 3; i++) {
-        p = ngx_pnalloc(job->pool, ngx_strlen(prefix[i]) + job->domain.len);
-        if (p == NULL) {
-            return NGX_ERROR;
-        }
-
-        argv[i + 1] = (const char *) p;
-        argvlen[i + 1] = ngx_cpymem(ngx_cpymem(p, prefix[i],
-                                               ngx_strlen(prefix[i])),
-                                    job->domain.data, job->domain.len)
-                         - p;
+    if (sg_sts_keys(&job->domain, keys, &argv[1], &argvlen[1]) != NGX_OK) {
+        return NGX_ERROR;
     }
 
     rctx = sg_sts_rctx_new(job, &job->domain, SG_STS_R_READ);
@@ -2328,12 +2347,7 @@ sg_sts_redis_store(sg_sts_pol_t *pol)
 static void
 sg_sts_redis_fail(ngx_str_t *domain, sg_sts_fail_t *fail)
 {
-    char        *json;
-    u_char      *p;
-    const char  *argv[5];
-    size_t       argvlen[5];
-    u_char       key[sizeof(SG_STS_KEY_FAIL) + SG_STS_DOMAIN_MAX];
-    u_char       ttl[NGX_TIME_T_LEN + 1];
+    char  *json;
 
     if (sg_worker.redis == NULL || sg_sts.conf->failure_backoff <= 0) {
         return;
@@ -2345,26 +2359,8 @@ sg_sts_redis_fail(ngx_str_t *domain, sg_sts_fail_t *fail)
         return;
     }
 
-    p = ngx_cpymem(key, SG_STS_KEY_FAIL, sizeof(SG_STS_KEY_FAIL) - 1);
-    p = ngx_cpymem(p, domain->data, domain->len);
-
-    argv[0] = "SET";
-    argvlen[0] = 3;
-    argv[1] = (const char *) key;
-    argvlen[1] = p - key;
-    argv[2] = json;
-    argvlen[2] = ngx_strlen(json);
-    argv[3] = "EX";
-    argvlen[3] = 2;
-    argv[4] = (const char *) ttl;
-    argvlen[4] = ngx_sprintf(ttl, "%T", sg_sts.conf->failure_backoff) - ttl;
-
-    if (sg_redis_command_argv(sg_worker.redis, sg_sts_redis_done, NULL, 5,
-                              argv, argvlen)
-        != NGX_OK)
-    {
-        sg_sts_redis_problem(sg_redis_last_error(sg_worker.redis));
-    }
+    sg_sts_redis_setex(SG_STS_KEY_FAIL, sizeof(SG_STS_KEY_FAIL) - 1, domain,
+                       json, sg_sts.conf->failure_backoff);
 
     free(json);
 }
@@ -2373,12 +2369,7 @@ sg_sts_redis_fail(ngx_str_t *domain, sg_sts_fail_t *fail)
 static void
 sg_sts_redis_negative(ngx_str_t *domain, const char *why)
 {
-    char        *json;
-    u_char      *p;
-    const char  *argv[5];
-    size_t       argvlen[5];
-    u_char       key[sizeof(SG_STS_KEY_NONE) + SG_STS_DOMAIN_MAX];
-    u_char       ttl[NGX_TIME_T_LEN + 1];
+    char  *json;
 
     if (sg_worker.redis == NULL) {
         return;
@@ -2389,19 +2380,42 @@ sg_sts_redis_negative(ngx_str_t *domain, const char *why)
         return;
     }
 
-    p = ngx_cpymem(key, SG_STS_KEY_NONE, sizeof(SG_STS_KEY_NONE) - 1);
+    sg_sts_redis_setex(SG_STS_KEY_NONE, sizeof(SG_STS_KEY_NONE) - 1, domain,
+                       json, sg_sts.conf->negative_ttl);
+
+    free(json);
+}
+
+
+/* SET <prefix><domain> value EX ttl */
+
+static void
+sg_sts_redis_setex(const char *prefix, size_t len, ngx_str_t *domain,
+    const char *value, time_t ttl)
+{
+    u_char      *p;
+    const char  *argv[5];
+    size_t       argvlen[5];
+    u_char       key[sizeof(SG_STS_KEY_FAIL) + SG_STS_DOMAIN_MAX];
+    u_char       ttlbuf[NGX_TIME_T_LEN + 1];
+
+    if (len + domain->len > sizeof(key)) {
+        return;
+    }
+
+    p = ngx_cpymem(key, prefix, len);
     p = ngx_cpymem(p, domain->data, domain->len);
 
     argv[0] = "SET";
     argvlen[0] = 3;
     argv[1] = (const char *) key;
     argvlen[1] = p - key;
-    argv[2] = json;
-    argvlen[2] = ngx_strlen(json);
+    argv[2] = value;
+    argvlen[2] = ngx_strlen(value);
     argv[3] = "EX";
     argvlen[3] = 2;
-    argv[4] = (const char *) ttl;
-    argvlen[4] = ngx_sprintf(ttl, "%T", sg_sts.conf->negative_ttl) - ttl;
+    argv[4] = (const char *) ttlbuf;
+    argvlen[4] = ngx_sprintf(ttlbuf, "%T", ttl) - ttlbuf;
 
     if (sg_redis_command_argv(sg_worker.redis, sg_sts_redis_done, NULL, 5,
                               argv, argvlen)
@@ -2409,8 +2423,6 @@ sg_sts_redis_negative(ngx_str_t *domain, const char *why)
     {
         sg_sts_redis_problem(sg_redis_last_error(sg_worker.redis));
     }
-
-    free(json);
 }
 
 
@@ -2532,16 +2544,20 @@ sg_sts_timer_handler(ngx_event_t *ev)
 static void
 sg_sts_refresh_start(sg_sts_entry_t *e)
 {
-    u_char         *p;
     const char     *argv[4];
     size_t          argvlen[4];
     sg_sts_rctx_t  *rctx;
-    u_char          k0[sizeof(SG_STS_KEY_POLICY) + SG_STS_DOMAIN_MAX];
-    u_char          k1[sizeof(SG_STS_KEY_NONE) + SG_STS_DOMAIN_MAX];
-    u_char          k2[sizeof(SG_STS_KEY_FAIL) + SG_STS_DOMAIN_MAX];
+    u_char          keys[SG_STS_KEYS_LEN];
 
     if (sg_worker.redis == NULL || !sg_redis_up(sg_worker.redis)) {
         sg_sts_background(&e->sn.str);
+        return;
+    }
+
+    argv[0] = "MGET";
+    argvlen[0] = 4;
+
+    if (sg_sts_keys(&e->sn.str, keys, &argv[1], &argvlen[1]) != NGX_OK) {
         return;
     }
 
@@ -2549,24 +2565,6 @@ sg_sts_refresh_start(sg_sts_entry_t *e)
     if (rctx == NULL) {
         return;
     }
-
-    argv[0] = "MGET";
-    argvlen[0] = 4;
-
-    p = ngx_cpymem(k0, SG_STS_KEY_POLICY, sizeof(SG_STS_KEY_POLICY) - 1);
-    p = ngx_cpymem(p, e->sn.str.data, e->sn.str.len);
-    argv[1] = (const char *) k0;
-    argvlen[1] = p - k0;
-
-    p = ngx_cpymem(k1, SG_STS_KEY_NONE, sizeof(SG_STS_KEY_NONE) - 1);
-    p = ngx_cpymem(p, e->sn.str.data, e->sn.str.len);
-    argv[2] = (const char *) k1;
-    argvlen[2] = p - k1;
-
-    p = ngx_cpymem(k2, SG_STS_KEY_FAIL, sizeof(SG_STS_KEY_FAIL) - 1);
-    p = ngx_cpymem(p, e->sn.str.data, e->sn.str.len);
-    argv[3] = (const char *) k2;
-    argvlen[3] = p - k2;
 
     if (sg_redis_command_argv(sg_worker.redis, sg_sts_redis_got, rctx, 4,
                               argv, argvlen)

@@ -45,6 +45,11 @@
 #define SG_STS_KEY_LOCK         "sg:mta-sts-lock:"
 #define SG_STS_CHANNEL          "sg_mta_sts"
 
+/* room for the three keys of a domain: sg_sts_keys() */
+#define SG_STS_KEYS_LEN                                                      \
+    (sizeof(SG_STS_KEY_POLICY) + sizeof(SG_STS_KEY_NONE)                     \
+     + sizeof(SG_STS_KEY_FAIL) + 3 * SG_STS_DOMAIN_MAX)
+
 
 typedef struct sg_sts_req_s     sg_sts_req_t;
 
@@ -185,6 +190,14 @@ sg_sts_answer_t *sg_sts_peek(ngx_str_t *domain);
 
 /* forget domain in this worker (all domains when domain is NULL) */
 void sg_sts_forget(ngx_str_t *domain);
+
+/*
+ * The Redis keys of domain, its policy, "no policy" and last failure,
+ * as argv[0..2], written in buf (SG_STS_KEYS_LEN bytes); NGX_ERROR: the
+ * domain is longer than a domain can be.
+ */
+ngx_int_t sg_sts_keys(ngx_str_t *domain, u_char *buf, const char **argv,
+    size_t *argvlen);
 
 /* "domain" as sg uses it: lower case, LDH, no trailing dot; NULL: ok */
 const char *sg_sts_domain(ngx_str_t *in, u_char *out, size_t size,

@@ -197,11 +197,28 @@ sg_sts_id_valid(const char *id, size_t len)
 }
 
 
+/* doc as Redis keeps it, compact JSON, and doc released; NULL: no memory */
+
+static char *
+sg_sts_dump(json_t *doc)
+{
+    char  *out;
+
+    if (doc == NULL) {
+        return NULL;
+    }
+
+    out = json_dumps(doc, JSON_COMPACT|JSON_PRESERVE_ORDER);
+    json_decref(doc);
+
+    return out;
+}
+
+
 char *
 sg_sts_record_encode(const char *domain, const char *id, const char *text,
     size_t text_len, int64_t fetched_at, const sg_sts_policy_t *policy)
 {
-    char     *out;
     json_t   *doc, *mx, *s;
     size_t    i;
 
@@ -233,14 +250,8 @@ sg_sts_record_encode(const char *domain, const char *id, const char *text,
                     "fetched_at", (json_int_t) fetched_at,
                     "expires_at", (json_int_t) (fetched_at + policy->max_age),
                     "text", s);
-    if (doc == NULL) {
-        return NULL;
-    }
 
-    out = json_dumps(doc, JSON_COMPACT|JSON_PRESERVE_ORDER);
-    json_decref(doc);
-
-    return out;
+    return sg_sts_dump(doc);
 }
 
 
@@ -298,7 +309,6 @@ char *
 sg_sts_failure_encode(const char *id, int64_t failed_at,
     const char *result_type, const char *reason)
 {
-    char    *out;
     json_t  *doc;
 
     doc = json_pack("{s:s,s:I,s:s,s:s}",
@@ -306,14 +316,8 @@ sg_sts_failure_encode(const char *id, int64_t failed_at,
                     "failed_at", (json_int_t) failed_at,
                     "result_type", result_type,
                     "reason", reason ? reason : "");
-    if (doc == NULL) {
-        return NULL;
-    }
 
-    out = json_dumps(doc, JSON_COMPACT|JSON_PRESERVE_ORDER);
-    json_decref(doc);
-
-    return out;
+    return sg_sts_dump(doc);
 }
 
 
@@ -361,17 +365,10 @@ sg_sts_failure_decode(json_t *doc, const char **id, int64_t *failed_at,
 char *
 sg_sts_negative_encode(const char *reason, int64_t at)
 {
-    char    *out;
     json_t  *doc;
 
     doc = json_pack("{s:s,s:I}", "reason", reason ? reason : "",
                     "at", (json_int_t) at);
-    if (doc == NULL) {
-        return NULL;
-    }
 
-    out = json_dumps(doc, JSON_COMPACT|JSON_PRESERVE_ORDER);
-    json_decref(doc);
-
-    return out;
+    return sg_sts_dump(doc);
 }

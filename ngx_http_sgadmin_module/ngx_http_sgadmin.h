@@ -179,6 +179,19 @@ void ngx_http_sgadmin_tls_failures_list(ngx_http_request_t *r,
 void ngx_http_sgadmin_tls_failures_delete(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 
+/*
+ * Lists kept in Redis (ngx_http_sgadmin_delivery.c): every key that starts
+ * with prefix, an item for each value (item() may return NULL: left out),
+ * answered as {"items": [...], "next_cursor": null}.  Redis down: 503,
+ * its detail says fallback (what sg does meanwhile) and more.
+ */
+typedef json_t *(*ngx_http_sgadmin_item_pt)(ngx_str_t *key, redisReply *v);
+
+void ngx_http_sgadmin_redis_list(ngx_http_request_t *r, const char *prefix,
+    ngx_http_sgadmin_item_pt item, const char *fallback);
+void ngx_http_sgadmin_redis_down(ngx_http_request_t *r, const char *err,
+    const char *fallback, const char *more);
+
 void ngx_http_sgadmin_queue_list(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx);
 void ngx_http_sgadmin_queue_get(ngx_http_request_t *r,

@@ -26,9 +26,11 @@
 
 #define NGX_HTTP_SGADMIN_TLSF_PREFIX     "sg:tls-failure:"
 #define NGX_HTTP_SGADMIN_TLSF_HOST_MAX   255
-#define NGX_HTTP_SGADMIN_TLSF_COUNT      "1000"     /* SCAN ... COUNT */
-#define NGX_HTTP_SGADMIN_TLSF_SCANS_MAX  1000       /* SCAN calls */
-#define NGX_HTTP_SGADMIN_TLSF_KEYS_MAX   10000      /* keys answered */
+
+/* what sg does while Redis is down */
+#define NGX_HTTP_SGADMIN_TLSF_FALLBACK                                       \
+    "the TLS-failure list is kept by each worker in its memory until Redis"  \
+    " is back"
 
 
 #define NGX_HTTP_SGADMIN_ROUTE_ITEM(t)                                       \
@@ -134,9 +136,6 @@ static const char *const  ngx_http_sgadmin_route_fields[] = {
 
 typedef struct {
     ngx_http_sgadmin_ctx_t       *ctx;
-    ngx_array_t                   keys;        /* ngx_str_t */
-    ngx_uint_t                    scans;
-    u_char                        cursor[NGX_INT64_LEN + 1];
 
     /* DELETE */
     ngx_str_t                     host;        /* lower case, NUL-ended */
@@ -155,15 +154,7 @@ static ngx_int_t ngx_http_sgadmin_route_id(ngx_http_request_t *r,
 
 static ngx_http_sgadmin_tlsf_t *ngx_http_sgadmin_tlsf_create(
     ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx);
-static void ngx_http_sgadmin_tlsf_scan(ngx_http_sgadmin_tlsf_t *tf);
-static void ngx_http_sgadmin_tlsf_scanned(void *data, redisReply *reply,
-    const char *err);
-static void ngx_http_sgadmin_tlsf_mget(ngx_http_sgadmin_tlsf_t *tf);
-static void ngx_http_sgadmin_tlsf_got(void *data, redisReply *reply,
-    const char *err);
 static json_t *ngx_http_sgadmin_tlsf_item(ngx_str_t *key, redisReply *v);
-static int ngx_libc_cdecl ngx_http_sgadmin_tlsf_cmp(const void *a,
-    const void *b);
 static ngx_int_t ngx_http_sgadmin_tlsf_host(ngx_http_request_t *r,
     ngx_str_t *param, ngx_str_t *host);
 static void ngx_http_sgadmin_tlsf_deleted(void *data, redisReply *reply,
@@ -173,8 +164,8 @@ static void ngx_http_sgadmin_tlsf_error(ngx_http_sgadmin_tlsf_t *tf,
 static void ngx_http_sgadmin_tlsf_notify(ngx_http_sgadmin_tlsf_t *tf);
 static void ngx_http_sgadmin_tlsf_notified(void *data, PGresult *res,
     const char *err, const char *sqlstate);
-static void ngx_http_sgadmin_redis_down(ngx_http_request_t *r,
-    const char *err, const char *more);
+static void ngx_http_sgadmin_redis_listed(void *data, ngx_int_t rc,
+    ngx_str_t *keys, ngx_uint_t n, redisReply *values, const char *err);
 
 
 /* routes */
@@ -439,22 +430,9 @@ void
 ngx_http_sgadmin_tls_failures_list(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {
-    ngx_http_sgadmin_tlsf_t  *tf;
-
-    tf = ngx_http_sgadmin_tlsf_create(r, ctx);
-    if (tf == NULL) {
-        return;
-    }
-
-    if (ngx_array_init(&tf->keys, r->pool, 16, sizeof(ngx_str_t))
-        != NGX_OK)
-    {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
-    ngx_http_sgadmin_tlsf_scan(tf);
+    ngx_http_sgadmin_redis_list(r, NGX_HTTP_SGADMIN_TLSF_PREFIX,
+                                ngx_http_sgadmin_tlsf_item,
+                                NGX_HTTP_SGADMIN_TLSF_FALLBACK);
 }
 
 
@@ -472,250 +450,8 @@ ngx_http_sgadmin_tlsf_create(ngx_http_request_t *r,
     }
 
     tf->ctx = ctx;
-    tf->cursor[0] = '0';
 
     return tf;
-}
-
-
-static void
-ngx_http_sgadmin_tlsf_scan(ngx_http_sgadmin_tlsf_t *tf)
-{
-    ngx_int_t    rc;
-    const char  *argv[6];
-    size_t       argvlen[6];
-
-    argv[0] = "SCAN";
-    argv[1] = (const char *) tf->cursor;
-    argv[2] = "MATCH";
-    argv[3] = NGX_HTTP_SGADMIN_TLSF_PREFIX "*";
-    argv[4] = "COUNT";
-    argv[5] = NGX_HTTP_SGADMIN_TLSF_COUNT;
-
-    argvlen[0] = sizeof("SCAN") - 1;
-    argvlen[1] = ngx_strlen(tf->cursor);
-    argvlen[2] = sizeof("MATCH") - 1;
-    argvlen[3] = sizeof(NGX_HTTP_SGADMIN_TLSF_PREFIX "*") - 1;
-    argvlen[4] = sizeof("COUNT") - 1;
-    argvlen[5] = sizeof(NGX_HTTP_SGADMIN_TLSF_COUNT) - 1;
-
-    /* sg_redis_command_argv() must not be given a NULL adapter */
-    rc = sg_worker.redis
-         ? sg_redis_command_argv(sg_worker.redis,
-                                 ngx_http_sgadmin_tlsf_scanned, tf, 6, argv,
-                                 argvlen)
-         : NGX_DECLINED;
-
-    if (rc != NGX_OK) {
-        ngx_http_sgadmin_redis_down(tf->ctx->request,
-                                    sg_redis_last_error(sg_worker.redis),
-                                    NULL);
-    }
-}
-
-
-/* a SCAN reply: [cursor, [key, ...]]; cursor "0" ends the iteration */
-
-static void
-ngx_http_sgadmin_tlsf_scanned(void *data, redisReply *reply, const char *err)
-{
-    ngx_http_sgadmin_tlsf_t  *tf = data;
-
-    size_t               i;
-    ngx_str_t           *key;
-    redisReply          *keys, *k;
-    ngx_http_request_t  *r;
-
-    r = tf->ctx->request;
-
-    if (err) {
-        ngx_http_sgadmin_redis_down(r, err, NULL);
-        return;
-    }
-
-    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2
-        || reply->element[0]->type != REDIS_REPLY_STRING
-        || reply->element[0]->len > NGX_INT64_LEN
-        || reply->element[1]->type != REDIS_REPLY_ARRAY)
-    {
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "sgadmin: %V: unexpected SCAN reply from Redis",
-                      &r->uri);
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "Redis gave an unexpected reply",
-                                 NULL);
-        return;
-    }
-
-    keys = reply->element[1];
-
-    for (i = 0; i < keys->elements; i++) {
-        k = keys->element[i];
-
-        if (k->type != REDIS_REPLY_STRING
-            || k->len <= sizeof(NGX_HTTP_SGADMIN_TLSF_PREFIX) - 1)
-        {
-            continue;
-        }
-
-        if (tf->keys.nelts >= NGX_HTTP_SGADMIN_TLSF_KEYS_MAX) {
-            break;
-        }
-
-        key = ngx_array_push(&tf->keys);
-        if (key == NULL) {
-            ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                     "internal", "out of memory", NULL);
-            return;
-        }
-
-        key->len = k->len;
-        key->data = ngx_pnalloc(r->pool, k->len);
-        if (key->data == NULL) {
-            ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                     "internal", "out of memory", NULL);
-            return;
-        }
-
-        ngx_memcpy(key->data, k->str, k->len);
-    }
-
-    ngx_memcpy(tf->cursor, reply->element[0]->str, reply->element[0]->len);
-    tf->cursor[reply->element[0]->len] = '\0';
-
-    if (ngx_strcmp(tf->cursor, "0") == 0) {
-        ngx_http_sgadmin_tlsf_mget(tf);
-        return;
-    }
-
-    if (++tf->scans >= NGX_HTTP_SGADMIN_TLSF_SCANS_MAX
-        || tf->keys.nelts >= NGX_HTTP_SGADMIN_TLSF_KEYS_MAX)
-    {
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "sgadmin: %V: the TLS-failure list is answered"
-                      " incomplete: %ui keys after %ui SCAN calls", &r->uri,
-                      tf->keys.nelts, tf->scans);
-        ngx_http_sgadmin_tlsf_mget(tf);
-        return;
-    }
-
-    ngx_http_sgadmin_tlsf_scan(tf);
-}
-
-
-/* the keys in order, once each (SCAN may repeat one), and MGET */
-
-static void
-ngx_http_sgadmin_tlsf_mget(ngx_http_sgadmin_tlsf_t *tf)
-{
-    ngx_int_t            rc;
-    ngx_str_t           *keys;
-    ngx_uint_t           i, n;
-    const char         **argv;
-    size_t              *argvlen;
-    ngx_http_request_t  *r;
-
-    r = tf->ctx->request;
-    keys = tf->keys.elts;
-
-    if (tf->keys.nelts == 0) {
-        ngx_http_sgadmin_send_text(r, NGX_HTTP_OK,
-                                   "{\"items\":[],\"next_cursor\":null}",
-                                   sizeof("{\"items\":[],\"next_cursor\":null}")
-                                   - 1, NULL);
-        return;
-    }
-
-    ngx_qsort(keys, tf->keys.nelts, sizeof(ngx_str_t),
-              ngx_http_sgadmin_tlsf_cmp);
-
-    for (i = 1, n = 1; i < tf->keys.nelts; i++) {
-        if (ngx_http_sgadmin_tlsf_cmp(&keys[n - 1], &keys[i]) != 0) {
-            keys[n++] = keys[i];
-        }
-    }
-
-    tf->keys.nelts = n;
-
-    argv = ngx_palloc(r->pool, (n + 1) * sizeof(char *));
-    argvlen = ngx_palloc(r->pool, (n + 1) * sizeof(size_t));
-
-    if (argv == NULL || argvlen == NULL) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
-    argv[0] = "MGET";
-    argvlen[0] = sizeof("MGET") - 1;
-
-    for (i = 0; i < n; i++) {
-        argv[i + 1] = (const char *) keys[i].data;
-        argvlen[i + 1] = keys[i].len;
-    }
-
-    rc = sg_redis_command_argv(sg_worker.redis, ngx_http_sgadmin_tlsf_got,
-                               tf, (int) n + 1, argv, argvlen);
-
-    if (rc != NGX_OK) {
-        ngx_http_sgadmin_redis_down(r, sg_redis_last_error(sg_worker.redis),
-                                    NULL);
-    }
-}
-
-
-static void
-ngx_http_sgadmin_tlsf_got(void *data, redisReply *reply, const char *err)
-{
-    ngx_http_sgadmin_tlsf_t  *tf = data;
-
-    json_t              *doc, *items, *item;
-    ngx_str_t           *keys;
-    ngx_uint_t           i;
-    ngx_http_request_t  *r;
-
-    r = tf->ctx->request;
-
-    if (err) {
-        ngx_http_sgadmin_redis_down(r, err, NULL);
-        return;
-    }
-
-    if (reply->type != REDIS_REPLY_ARRAY
-        || reply->elements != tf->keys.nelts)
-    {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "Redis gave an unexpected reply",
-                                 NULL);
-        return;
-    }
-
-    items = json_array();
-    doc = json_pack("{s:o,s:n}", "items", items, "next_cursor");
-
-    if (doc == NULL) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
-    keys = tf->keys.elts;
-
-    for (i = 0; i < tf->keys.nelts; i++) {
-
-        /* expired between SCAN and MGET */
-        if (reply->element[i]->type != REDIS_REPLY_STRING) {
-            continue;
-        }
-
-        item = ngx_http_sgadmin_tlsf_item(&keys[i], reply->element[i]);
-        if (item) {
-            json_array_append_new(items, item);
-        }
-    }
-
-    ngx_http_sgadmin_send_json(r, NGX_HTTP_OK, doc);
-    json_decref(doc);
 }
 
 
@@ -763,18 +499,6 @@ ngx_http_sgadmin_tlsf_item(ngx_str_t *key, redisReply *v)
     return item;
 }
 
-
-static int ngx_libc_cdecl
-ngx_http_sgadmin_tlsf_cmp(const void *a, const void *b)
-{
-    const ngx_str_t  *x = a, *y = b;
-
-    ngx_int_t  rc;
-
-    rc = ngx_memn2cmp(x->data, y->data, x->len, y->len);
-
-    return rc < 0 ? -1 : rc > 0;
-}
 
 
 /*
@@ -981,6 +705,7 @@ ngx_http_sgadmin_tlsf_notified(void *data, PGresult *res, const char *err,
 
     if (tf->redis_err) {
         ngx_http_sgadmin_redis_down(r, tf->redis_err,
+                                    NGX_HTTP_SGADMIN_TLSF_FALLBACK,
                                     "; every worker was told to drop the"
                                     " host from the list it keeps in memory");
         return;
@@ -1001,9 +726,95 @@ ngx_http_sgadmin_tlsf_notified(void *data, PGresult *res, const char *err,
 }
 
 
+/*
+ * The lists the admin API keeps in Redis (the TLS-failure list here, the
+ * MTA-STS policies in ngx_http_sgadmin_sts.c): every key of a prefix and
+ * its value, read with sg_redis_scan_get() and answered as
+ * {"items": [...], "next_cursor": null}.
+ */
+
+typedef struct {
+    ngx_http_request_t           *request;
+    ngx_http_sgadmin_item_pt      item;
+    const char                   *fallback;
+} ngx_http_sgadmin_redis_list_t;
+
+
+void
+ngx_http_sgadmin_redis_list(ngx_http_request_t *r, const char *prefix,
+    ngx_http_sgadmin_item_pt item, const char *fallback)
+{
+    ngx_http_sgadmin_redis_list_t  *rl;
+
+    rl = ngx_palloc(r->pool, sizeof(ngx_http_sgadmin_redis_list_t));
+    if (rl == NULL) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", "out of memory", NULL);
+        return;
+    }
+
+    rl->request = r;
+    rl->item = item;
+    rl->fallback = fallback;
+
+    sg_redis_scan_get(sg_worker.redis, r->pool, r->connection->log, prefix,
+                      ngx_http_sgadmin_redis_listed, rl);
+}
+
+
 static void
+ngx_http_sgadmin_redis_listed(void *data, ngx_int_t rc, ngx_str_t *keys,
+    ngx_uint_t n, redisReply *values, const char *err)
+{
+    ngx_http_sgadmin_redis_list_t  *rl = data;
+
+    json_t              *doc, *items, *item;
+    ngx_uint_t           i;
+    ngx_http_request_t  *r;
+
+    r = rl->request;
+
+    if (rc == NGX_DECLINED) {
+        ngx_http_sgadmin_redis_down(r, err, rl->fallback, NULL);
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", err, NULL);
+        return;
+    }
+
+    items = json_array();
+    doc = json_pack("{s:o,s:n}", "items", items, "next_cursor");
+
+    if (doc == NULL) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", "out of memory", NULL);
+        return;
+    }
+
+    for (i = 0; i < n; i++) {
+
+        /* expired between SCAN and MGET */
+        if (values->element[i]->type != REDIS_REPLY_STRING) {
+            continue;
+        }
+
+        item = rl->item(&keys[i], values->element[i]);
+        if (item) {
+            json_array_append_new(items, item);
+        }
+    }
+
+    ngx_http_sgadmin_send_json(r, NGX_HTTP_OK, doc);
+    json_decref(doc);
+}
+
+
+void
 ngx_http_sgadmin_redis_down(ngx_http_request_t *r, const char *err,
-    const char *more)
+    const char *fallback, const char *more)
 {
     char  detail[512];
 
@@ -1015,9 +826,8 @@ ngx_http_sgadmin_redis_down(ngx_http_request_t *r, const char *err,
                   "sgadmin: %V: redis unavailable: %s", &r->uri, err);
 
     ngx_snprintf((u_char *) detail, sizeof(detail) - 1,
-                 "Redis is unavailable (%s): the TLS-failure list is kept"
-                 " by each worker in its memory until Redis is back%s%Z",
-                 err, more ? more : "");
+                 "Redis is unavailable (%s): %s%s%Z",
+                 err, fallback, more ? more : "");
 
     ngx_http_sgadmin_problem(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                              "redis-unavailable", detail, NULL);

@@ -32,10 +32,12 @@
 #include "sg_sts.h"
 
 
-#define NGX_HTTP_SGADMIN_STS_COUNT      "1000"     /* SCAN ... COUNT */
-#define NGX_HTTP_SGADMIN_STS_SCANS_MAX  1000
-#define NGX_HTTP_SGADMIN_STS_KEYS_MAX   10000
 #define NGX_HTTP_SGADMIN_STS_BENCH_MAX  1000000
+
+/* what sg does while Redis is down */
+#define NGX_HTTP_SGADMIN_STS_FALLBACK                                        \
+    "MTA-STS policies are fetched directly and kept by each worker in its"   \
+    " memory until Redis is back"
 
 
 /* GET the policy, DEL the three keys of a domain; {old value, count} */
@@ -63,11 +65,6 @@ typedef struct {
     ngx_str_t                     domain;      /* NUL-terminated */
     sg_sts_req_t                 *sts;
 
-    /* the list */
-    ngx_array_t                   keys;        /* ngx_str_t */
-    ngx_uint_t                    scans;
-    u_char                        cursor[NGX_INT64_LEN + 1];
-
     /* ?bench=N */
     ngx_uint_t                    bench_n;
     ngx_uint_t                    bench_done;
@@ -85,16 +82,9 @@ typedef struct {
 
 
 static ngx_http_sgadmin_sts_t *ngx_http_sgadmin_sts_create(
-    ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx, ngx_uint_t domain);
+    ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx);
 static void ngx_http_sgadmin_sts_cleanup(void *data);
-static void ngx_http_sgadmin_sts_scan(ngx_http_sgadmin_sts_t *st);
-static void ngx_http_sgadmin_sts_scanned(void *data, redisReply *reply,
-    const char *err);
-static void ngx_http_sgadmin_sts_mget(ngx_http_sgadmin_sts_t *st);
-static void ngx_http_sgadmin_sts_listed(void *data, redisReply *reply,
-    const char *err);
-static int ngx_libc_cdecl ngx_http_sgadmin_sts_cmp(const void *a,
-    const void *b);
+static json_t *ngx_http_sgadmin_sts_item(ngx_str_t *key, redisReply *v);
 static json_t *ngx_http_sgadmin_sts_record(const char *data, size_t len,
     ngx_uint_t full);
 static void ngx_http_sgadmin_sts_got(void *data, redisReply *reply,
@@ -116,8 +106,6 @@ static void ngx_http_sgadmin_sts_evicted(void *data, redisReply *reply,
 static void ngx_http_sgadmin_sts_notify(ngx_http_sgadmin_sts_t *st);
 static void ngx_http_sgadmin_sts_notified(void *data, PGresult *res,
     const char *err, const char *sqlstate);
-static void ngx_http_sgadmin_sts_redis_down(ngx_http_request_t *r,
-    const char *err, const char *more);
 static void ngx_http_sgadmin_sts_invalid(ngx_http_request_t *r,
     const char *field, const char *message);
 
@@ -127,28 +115,15 @@ static void ngx_http_sgadmin_sts_invalid(ngx_http_request_t *r,
 void
 ngx_http_sgadmin_sts_list(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
 {
-    ngx_http_sgadmin_sts_t  *st;
-
-    st = ngx_http_sgadmin_sts_create(r, ctx, 0);
-    if (st == NULL) {
-        return;
-    }
-
-    if (ngx_array_init(&st->keys, r->pool, 16, sizeof(ngx_str_t))
-        != NGX_OK)
-    {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
-    ngx_http_sgadmin_sts_scan(st);
+    ngx_http_sgadmin_redis_list(r, SG_STS_KEY_POLICY,
+                                ngx_http_sgadmin_sts_item,
+                                NGX_HTTP_SGADMIN_STS_FALLBACK);
 }
 
 
 static ngx_http_sgadmin_sts_t *
 ngx_http_sgadmin_sts_create(ngx_http_request_t *r,
-    ngx_http_sgadmin_ctx_t *ctx, ngx_uint_t domain)
+    ngx_http_sgadmin_ctx_t *ctx)
 {
     size_t                   len;
     const char              *msg;
@@ -166,15 +141,10 @@ ngx_http_sgadmin_sts_create(ngx_http_request_t *r,
     }
 
     st->ctx = ctx;
-    st->cursor[0] = '0';
 
     /* a lookup still running when the request ends goes with it */
     cln->handler = ngx_http_sgadmin_sts_cleanup;
     cln->data = st;
-
-    if (!domain) {
-        return st;
-    }
 
     msg = sg_sts_domain(&ctx->param, buf, sizeof(buf), &len);
     if (msg) {
@@ -208,239 +178,10 @@ ngx_http_sgadmin_sts_cleanup(void *data)
 }
 
 
-static void
-ngx_http_sgadmin_sts_scan(ngx_http_sgadmin_sts_t *st)
+static json_t *
+ngx_http_sgadmin_sts_item(ngx_str_t *key, redisReply *v)
 {
-    ngx_int_t    rc;
-    const char  *argv[6];
-    size_t       argvlen[6];
-
-    argv[0] = "SCAN";
-    argv[1] = (const char *) st->cursor;
-    argv[2] = "MATCH";
-    argv[3] = SG_STS_KEY_POLICY "*";
-    argv[4] = "COUNT";
-    argv[5] = NGX_HTTP_SGADMIN_STS_COUNT;
-
-    argvlen[0] = sizeof("SCAN") - 1;
-    argvlen[1] = ngx_strlen(st->cursor);
-    argvlen[2] = sizeof("MATCH") - 1;
-    argvlen[3] = sizeof(SG_STS_KEY_POLICY "*") - 1;
-    argvlen[4] = sizeof("COUNT") - 1;
-    argvlen[5] = sizeof(NGX_HTTP_SGADMIN_STS_COUNT) - 1;
-
-    rc = sg_worker.redis
-         ? sg_redis_command_argv(sg_worker.redis,
-                                 ngx_http_sgadmin_sts_scanned, st, 6, argv,
-                                 argvlen)
-         : NGX_DECLINED;
-
-    if (rc != NGX_OK) {
-        ngx_http_sgadmin_sts_redis_down(st->ctx->request,
-                                        sg_redis_last_error(sg_worker.redis),
-                                        NULL);
-    }
-}
-
-
-static void
-ngx_http_sgadmin_sts_scanned(void *data, redisReply *reply, const char *err)
-{
-    ngx_http_sgadmin_sts_t  *st = data;
-
-    size_t               i;
-    ngx_str_t           *key;
-    redisReply          *keys, *k;
-    ngx_http_request_t  *r;
-
-    r = st->ctx->request;
-
-    if (err) {
-        ngx_http_sgadmin_sts_redis_down(r, err, NULL);
-        return;
-    }
-
-    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2
-        || reply->element[0]->type != REDIS_REPLY_STRING
-        || reply->element[0]->len > NGX_INT64_LEN
-        || reply->element[1]->type != REDIS_REPLY_ARRAY)
-    {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "Redis gave an unexpected reply",
-                                 NULL);
-        return;
-    }
-
-    keys = reply->element[1];
-
-    for (i = 0; i < keys->elements; i++) {
-        k = keys->element[i];
-
-        if (k->type != REDIS_REPLY_STRING
-            || k->len <= sizeof(SG_STS_KEY_POLICY) - 1
-            || st->keys.nelts >= NGX_HTTP_SGADMIN_STS_KEYS_MAX)
-        {
-            continue;
-        }
-
-        key = ngx_array_push(&st->keys);
-        if (key == NULL) {
-            ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                     "internal", "out of memory", NULL);
-            return;
-        }
-
-        key->len = k->len;
-        key->data = ngx_pnalloc(r->pool, k->len);
-        if (key->data == NULL) {
-            ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                     "internal", "out of memory", NULL);
-            return;
-        }
-
-        ngx_memcpy(key->data, k->str, k->len);
-    }
-
-    ngx_memcpy(st->cursor, reply->element[0]->str, reply->element[0]->len);
-    st->cursor[reply->element[0]->len] = '\0';
-
-    if (ngx_strcmp(st->cursor, "0") == 0
-        || ++st->scans >= NGX_HTTP_SGADMIN_STS_SCANS_MAX
-        || st->keys.nelts >= NGX_HTTP_SGADMIN_STS_KEYS_MAX)
-    {
-        ngx_http_sgadmin_sts_mget(st);
-        return;
-    }
-
-    ngx_http_sgadmin_sts_scan(st);
-}
-
-
-static void
-ngx_http_sgadmin_sts_mget(ngx_http_sgadmin_sts_t *st)
-{
-    size_t              *argvlen;
-    ngx_int_t            rc;
-    ngx_str_t           *keys;
-    ngx_uint_t           i, n;
-    const char         **argv;
-    ngx_http_request_t  *r;
-
-    r = st->ctx->request;
-    keys = st->keys.elts;
-
-    if (st->keys.nelts == 0) {
-        ngx_http_sgadmin_send_text(r, NGX_HTTP_OK,
-                                   "{\"items\":[],\"next_cursor\":null}",
-                                   sizeof("{\"items\":[],\"next_cursor\":null}")
-                                   - 1, NULL);
-        return;
-    }
-
-    /* in order, once each: SCAN may name a key twice */
-
-    ngx_qsort(keys, st->keys.nelts, sizeof(ngx_str_t),
-              ngx_http_sgadmin_sts_cmp);
-
-    for (i = 1, n = 1; i < st->keys.nelts; i++) {
-        if (ngx_http_sgadmin_sts_cmp(&keys[n - 1], &keys[i]) != 0) {
-            keys[n++] = keys[i];
-        }
-    }
-
-    st->keys.nelts = n;
-
-    argv = ngx_palloc(r->pool, (n + 1) * sizeof(char *));
-    argvlen = ngx_palloc(r->pool, (n + 1) * sizeof(size_t));
-
-    if (argv == NULL || argvlen == NULL) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
-    argv[0] = "MGET";
-    argvlen[0] = sizeof("MGET") - 1;
-
-    for (i = 0; i < n; i++) {
-        argv[i + 1] = (const char *) keys[i].data;
-        argvlen[i + 1] = keys[i].len;
-    }
-
-    rc = sg_redis_command_argv(sg_worker.redis, ngx_http_sgadmin_sts_listed,
-                               st, (int) n + 1, argv, argvlen);
-    if (rc != NGX_OK) {
-        ngx_http_sgadmin_sts_redis_down(r,
-                                        sg_redis_last_error(sg_worker.redis),
-                                        NULL);
-    }
-}
-
-
-static void
-ngx_http_sgadmin_sts_listed(void *data, redisReply *reply, const char *err)
-{
-    ngx_http_sgadmin_sts_t  *st = data;
-
-    json_t              *doc, *items, *item;
-    ngx_uint_t           i;
-    redisReply          *v;
-    ngx_http_request_t  *r;
-
-    r = st->ctx->request;
-
-    if (err) {
-        ngx_http_sgadmin_sts_redis_down(r, err, NULL);
-        return;
-    }
-
-    if (reply->type != REDIS_REPLY_ARRAY
-        || reply->elements != st->keys.nelts)
-    {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "Redis gave an unexpected reply",
-                                 NULL);
-        return;
-    }
-
-    items = json_array();
-    doc = json_pack("{s:o,s:n}", "items", items, "next_cursor");
-
-    if (doc == NULL) {
-        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                 "internal", "out of memory", NULL);
-        return;
-    }
-
-    for (i = 0; i < reply->elements; i++) {
-        v = reply->element[i];
-
-        /* expired between SCAN and MGET */
-        if (v->type != REDIS_REPLY_STRING) {
-            continue;
-        }
-
-        item = ngx_http_sgadmin_sts_record(v->str, v->len, 0);
-        if (item) {
-            json_array_append_new(items, item);
-        }
-    }
-
-    ngx_http_sgadmin_send_json(r, NGX_HTTP_OK, doc);
-    json_decref(doc);
-}
-
-
-static int ngx_libc_cdecl
-ngx_http_sgadmin_sts_cmp(const void *a, const void *b)
-{
-    const ngx_str_t  *x = a, *y = b;
-
-    ngx_int_t  rc;
-
-    rc = ngx_memn2cmp(x->data, y->data, x->len, y->len);
-
-    return rc < 0 ? -1 : rc > 0;
+    return ngx_http_sgadmin_sts_record(v->str, v->len, 0);
 }
 
 
@@ -501,17 +242,14 @@ ngx_http_sgadmin_sts_record(const char *data, size_t len, ngx_uint_t full)
 void
 ngx_http_sgadmin_sts_get(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
 {
-    u_char                  *p;
     ngx_int_t                rc;
     ngx_str_t                arg;
     ngx_int_t                n;
-    ngx_uint_t               i, refresh, lookup, bench, from_redis;
+    ngx_uint_t               refresh, lookup, bench, from_redis;
     const char              *argv[4];
     size_t                   argvlen[4];
     ngx_http_sgadmin_sts_t  *st;
-
-    static const char  *prefix[] = { SG_STS_KEY_POLICY, SG_STS_KEY_NONE,
-                                     SG_STS_KEY_FAIL };
+    u_char                   keys[SG_STS_KEYS_LEN];
 
     refresh = 0;
     lookup = 0;
@@ -568,7 +306,7 @@ ngx_http_sgadmin_sts_get(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
         }
     }
 
-    st = ngx_http_sgadmin_sts_create(r, ctx, 1);
+    st = ngx_http_sgadmin_sts_create(r, ctx);
     if (st == NULL) {
         return;
     }
@@ -609,19 +347,10 @@ ngx_http_sgadmin_sts_get(ngx_http_request_t *r, ngx_http_sgadmin_ctx_t *ctx)
     argv[0] = "MGET";
     argvlen[0] = 4;
 
-    for (i = 0; i < 3; i++) {
-        p = ngx_pnalloc(r->pool, ngx_strlen(prefix[i]) + st->domain.len);
-        if (p == NULL) {
-            ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                     "internal", "out of memory", NULL);
-            return;
-        }
-
-        argv[i + 1] = (const char *) p;
-        argvlen[i + 1] = ngx_cpymem(ngx_cpymem(p, prefix[i],
-                                               ngx_strlen(prefix[i])),
-                                    st->domain.data, st->domain.len)
-                         - p;
+    if (sg_sts_keys(&st->domain, keys, &argv[1], &argvlen[1]) != NGX_OK) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", "the domain is too long", NULL);
+        return;
     }
 
     rc = sg_worker.redis
@@ -728,9 +457,9 @@ ngx_http_sgadmin_sts_memory(ngx_http_sgadmin_sts_t *st, const char *err)
     a = sg_sts_peek(&st->domain);
 
     if (a == NULL) {
-        ngx_http_sgadmin_sts_redis_down(r, err,
-                                        "; this worker has no policy for"
-                                        " the domain in memory");
+        ngx_http_sgadmin_redis_down(r, err, NGX_HTTP_SGADMIN_STS_FALLBACK,
+                                    "; this worker has no policy for the"
+                                    " domain in memory");
         return;
     }
 
@@ -1094,17 +823,13 @@ void
 ngx_http_sgadmin_sts_delete(ngx_http_request_t *r,
     ngx_http_sgadmin_ctx_t *ctx)
 {
-    u_char                  *p;
     ngx_int_t                rc;
-    ngx_uint_t               i;
     const char              *argv[6];
     size_t                   argvlen[6];
     ngx_http_sgadmin_sts_t  *st;
+    u_char                   keys[SG_STS_KEYS_LEN];
 
-    static const char  *prefix[] = { SG_STS_KEY_POLICY, SG_STS_KEY_NONE,
-                                     SG_STS_KEY_FAIL };
-
-    st = ngx_http_sgadmin_sts_create(r, ctx, 1);
+    st = ngx_http_sgadmin_sts_create(r, ctx);
     if (st == NULL) {
         return;
     }
@@ -1116,19 +841,10 @@ ngx_http_sgadmin_sts_delete(ngx_http_request_t *r,
     argv[2] = "3";
     argvlen[2] = 1;
 
-    for (i = 0; i < 3; i++) {
-        p = ngx_pnalloc(r->pool, ngx_strlen(prefix[i]) + st->domain.len);
-        if (p == NULL) {
-            ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                     "internal", "out of memory", NULL);
-            return;
-        }
-
-        argv[i + 3] = (const char *) p;
-        argvlen[i + 3] = ngx_cpymem(ngx_cpymem(p, prefix[i],
-                                               ngx_strlen(prefix[i])),
-                                    st->domain.data, st->domain.len)
-                         - p;
+    if (sg_sts_keys(&st->domain, keys, &argv[3], &argvlen[3]) != NGX_OK) {
+        ngx_http_sgadmin_problem(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                 "internal", "the domain is too long", NULL);
+        return;
     }
 
     rc = sg_worker.redis
@@ -1243,9 +959,10 @@ ngx_http_sgadmin_sts_notified(void *data, PGresult *res, const char *err,
     }
 
     if (st->redis_err) {
-        ngx_http_sgadmin_sts_redis_down(r, st->redis_err,
-                                        "; every worker was told to drop the"
-                                        " domain from its memory");
+        ngx_http_sgadmin_redis_down(r, st->redis_err,
+                                    NGX_HTTP_SGADMIN_STS_FALLBACK,
+                                    "; every worker was told to drop the"
+                                    " domain from its memory");
         return;
     }
 
@@ -1261,29 +978,6 @@ ngx_http_sgadmin_sts_notified(void *data, PGresult *res, const char *err,
                   st->ctx->actor);
 
     ngx_http_sgadmin_no_content(r, st->ctx);
-}
-
-
-static void
-ngx_http_sgadmin_sts_redis_down(ngx_http_request_t *r, const char *err,
-    const char *more)
-{
-    char  detail[512];
-
-    if (err == NULL || err[0] == '\0') {
-        err = "not connected";
-    }
-
-    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                  "sgadmin: %V: redis unavailable: %s", &r->uri, err);
-
-    ngx_snprintf((u_char *) detail, sizeof(detail) - 1,
-                 "Redis is unavailable (%s): MTA-STS policies are fetched"
-                 " directly and kept by each worker in its memory until"
-                 " Redis is back%s%Z", err, more ? more : "");
-
-    ngx_http_sgadmin_problem(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                             "redis-unavailable", detail, NULL);
 }
 
 

@@ -217,6 +217,24 @@ def api(inst, method, path, json=None, token=..., data=None, headers=None,
                                 headers=h, verify=False, timeout=timeout, **kw)
 
 
+def poll(fn, pred, timeout):
+    """Call fn() until pred(result) holds or timeout passes (a bound on the
+    wait, not something asserted); returns the last result (a
+    requests.RequestException counts as None)."""
+    deadline = time.monotonic() + timeout
+    r = None
+    while True:
+        try:
+            r = fn()
+        except requests.RequestException:
+            r = None
+        if r is not None and pred(r):
+            return r
+        if time.monotonic() >= deadline:
+            return r
+        time.sleep(0.2)
+
+
 def read_reply(f):
     """Read one SMTP reply (all its lines) from a socket file; returns
     (code, [lines])."""

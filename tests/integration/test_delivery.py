@@ -44,10 +44,12 @@ _seq = itertools.count(1)
 
 
 class World:
-    """pg, redis, dns, inst (sg), dsn_sink (MX of sender.test), records."""
+    """pg, redis, dns, inst (sg), dsn_sink (MX of sender.test), records;
+    conf: the delivery directives every sg of this world starts with."""
 
-    def __init__(self, base, pg, redis, dns, ca):
+    def __init__(self, base, pg, redis, dns, ca, conf=DELIVERY_CONF):
         self.base, self.pg, self.redis, self.dns, self.ca = base, pg, redis, dns, ca
+        self.conf = conf
         self.records = {"mx": [], "hosts": {}, "txt": [], "cname": []}
         self.inst = None
         self.dsn_sink = None
@@ -55,7 +57,7 @@ class World:
     def start(self, **kw):
         # debug logging exposes what info level hides (NGINX-NOTES)
         conf = dict(delivery=True, resolver=self.dns.address,
-                    ca_file=self.ca.cert_file, extra_main=DELIVERY_CONF,
+                    ca_file=self.ca.cert_file, extra_main=self.conf,
                     error_log_level="debug")
         conf.update(kw)
         return start_sg(self.pg, self.redis, **conf)
@@ -103,13 +105,16 @@ def unique(prefix):
     return "%s%d.test" % (prefix, next(_seq))
 
 
-@pytest.fixture(scope="module")
-def world(peer_ca):
-    base = sgtest.make_tmp("sgdlv-")
+@contextlib.contextmanager
+def world_up(ca, tmp_prefix, conf=DELIVERY_CONF):
+    """A World whose sg starts with conf (the delivery directives), up for
+    the duration: its own PostgreSQL, Redis and DNS, the DSN sink as MX of
+    sender.test, and sg relaying for 127.0.0.0/8."""
+    base = sgtest.make_tmp(tmp_prefix)
     pg = sgtest.start_postgres(base)
     redis = sgtest.start_redis(base)
     dns = DnsServer().start({})
-    w = World(base, pg, redis, dns, peer_ca)
+    w = World(base, pg, redis, dns, ca, conf)
     w.dsn_sink = SmtpSink()
     w.mx("sender.test", ("mx.sender.test", w.dsn_sink.host, 10))
     w.inst = w.start()
@@ -125,6 +130,12 @@ def world(peer_ca):
         redis.stop()
         pg.stop()
         sgtest.remove_tmp(base)
+
+
+@pytest.fixture(scope="module")
+def world(peer_ca):
+    with world_up(peer_ca, "sgdlv-") as w:
+        yield w
 
 
 @pytest.fixture

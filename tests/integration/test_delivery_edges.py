@@ -26,14 +26,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import sgtest  # noqa: E402
-from dnsserver import DnsServer  # noqa: E402
 from peers import (PostfixMX, SmtpSink, _Drop, mail_text,  # noqa: E402,F401
                    peer_ca, wait_for)
-from sgtest import api, finish_sg  # noqa: E402
-from test_delivery import (World, dsn_parts, dsns_for,  # noqa: E402
-                           entry, send, settings, states, unique,
-                           wait_entry, wait_final)
+from sgtest import api  # noqa: E402
+from test_delivery import (dsn_parts, dsns_for, entry,  # noqa: E402
+                           send, settings, states, unique, wait_entry,
+                           wait_final, world_up)
 
 EDGE_CONF = """
 sg_delivery_hostname sg-out.test;
@@ -53,36 +51,11 @@ SHORT_TIMEOUTS = EDGE_CONF.replace(
     "sg_delivery_data_done_timeout 30s;", "sg_delivery_data_done_timeout 1s;")
 
 
-class EdgeWorld(World):
-    """test_delivery's World whose sg runs with EDGE_CONF."""
-
-    def start(self, **kw):
-        kw.setdefault("extra_main", EDGE_CONF)
-        return World.start(self, **kw)
-
-
 @pytest.fixture(scope="module")
 def world(peer_ca):
-    base = sgtest.make_tmp("sgedge-")
-    pg = sgtest.start_postgres(base)
-    redis = sgtest.start_redis(base)
-    dns = DnsServer().start({})
-    w = EdgeWorld(base, pg, redis, dns, peer_ca)
-    w.dsn_sink = SmtpSink()
-    w.mx("sender.test", ("mx.sender.test", w.dsn_sink.host, 10))
-    w.inst = w.start()
-    try:
-        r = api(w.inst, "POST", "/api/v1/relay-networks",
-                json={"value": "127.0.0.0/8", "comment": "delivery tests"})
-        assert r.status_code == 201, r.text
+    """test_delivery's world, whose sg runs with EDGE_CONF."""
+    with world_up(peer_ca, "sgedge-", EDGE_CONF) as w:
         yield w
-    finally:
-        finish_sg(w.inst)
-        w.dsn_sink.stop()
-        dns.stop()
-        redis.stop()
-        pg.stop()
-        sgtest.remove_tmp(base)
 
 
 @pytest.fixture

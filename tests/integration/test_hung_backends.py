@@ -9,12 +9,9 @@ The session's PostgreSQL and Redis are frozen; SIGCONT is always sent in
 
 import os
 import signal
-import time
-
-import requests
 
 import sgtest
-from sgtest import api, smtp_dialog
+from sgtest import api, poll, smtp_dialog
 
 PG_TIMEOUTS = "sg_postgres_timeout 2s;\nsg_postgres_connect_timeout 2s;"
 REDIS_TIMEOUTS = "sg_redis_timeout 1s;"
@@ -58,23 +55,6 @@ class Frozen:
 
 def health(inst, timeout=20):
     return api(inst, "GET", "/api/v1/health", token=None, timeout=timeout)
-
-
-def poll(fn, pred, timeout):
-    """Call fn() until pred(result) holds or timeout passes; returns the
-    last result (exceptions count as None)."""
-    deadline = time.monotonic() + timeout
-    r = None
-    while True:
-        try:
-            r = fn()
-        except requests.RequestException:
-            r = None
-        if r is not None and pred(r):
-            return r
-        if time.monotonic() >= deadline:
-            return r
-        time.sleep(0.2)
 
 
 def assert_problem_503(r):

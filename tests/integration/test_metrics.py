@@ -11,12 +11,12 @@ import re
 import secrets
 import time
 
-import psycopg2.extras
 import pytest
 import requests
 
 import sgtest
-from sgtest import api, create_token
+from sgtest import api, create_token, poll
+from test_api_delivery import problem, sql
 
 METRICS = "/metrics"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -137,25 +137,6 @@ def test_parser_reads_escapes():
 
 
 # --------------------------------------------------------------- helpers
-
-def sql(pg, query, *args):
-    conn = pg.connect()
-    try:
-        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-            cur.execute(query, args)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
-
-
-def problem(resp, status, type_):
-    assert resp.status_code == status, resp.text
-    assert resp.headers["Content-Type"].startswith("application/problem+json")
-    body = resp.json()
-    assert body["type"] == "urn:sg:problem:" + type_
-    assert body["status"] == status
-    return body
-
 
 def scrape(inst, token=...):
     r = api(inst, "GET", METRICS, token=token)
@@ -386,23 +367,6 @@ def test_plain_http_is_refused(inst):
     problem(r, 403, "https-required")
 
 
-def poll(fn, pred, timeout=WAIT):
-    """fn() until pred(result) holds, or timeout passes (a bound on the
-    wait, not something asserted); returns the last result."""
-    deadline = time.monotonic() + timeout
-    r = None
-    while True:
-        try:
-            r = fn()
-        except requests.RequestException:
-            r = None
-        if r is not None and pred(r):
-            return r
-        if time.monotonic() >= deadline:
-            return r
-        time.sleep(0.2)
-
-
 def test_statement_failure_is_503(sg_instance, pg):
     """The metrics statement itself fails (a table locked beyond
     sg_postgres_timeout, which is the statement_timeout): an RFC 9457 503,
@@ -430,11 +394,11 @@ def test_postgres_down_is_503(sg_instance, pg):
     pg.stop()
     try:
         r = poll(lambda: api(inst, "GET", METRICS),
-                 lambda r: r.status_code == 503)
+                 lambda r: r.status_code == 503, WAIT)
         problem(r, 503, "database-unavailable")
     finally:
         pg.start()
     r = poll(lambda: api(inst, "GET", METRICS),
-             lambda r: r.status_code == 200)
+             lambda r: r.status_code == 200, WAIT)
     assert r.status_code == 200, r.text
     parse(r.text)

@@ -16,6 +16,7 @@ covers.  The comparison with postfix-mta-sts-resolver is in
 test_mta_sts_peer.py.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -97,14 +98,17 @@ def steps(body):
     return {s["step"]: s for s in body["steps"]}
 
 
-@pytest.fixture(scope="module")
-def env(pg, redis_srv, module_so, peer_ca):  # noqa: F811
-    hosts = PolicyHosts(peer_ca)
+@contextlib.contextmanager
+def env_up(pg, redis_srv, ca, **sg_kw):
+    """An Env up for the duration: the policy hosts, a server that never
+    answers, the test zones' DNS and an sg with EXTRA_MAIN (and sg_kw)
+    using them; Redis is running again when it ends."""
+    hosts = PolicyHosts(ca)
     slow = SlowServer().start()
     dns = DnsServer()
     records = {"txt": [], "hosts": {}, "cname": [], "rr": [],
                "zones": ["test"]}
-    e = Env(peer_ca, hosts, slow, dns, records)
+    e = Env(ca, hosts, slow, dns, records)
     inst = None
     try:
         hosts.start()
@@ -112,8 +116,8 @@ def env(pg, redis_srv, module_so, peer_ca):  # noqa: F811
         if not redis_srv.is_running():
             redis_srv.start()
         inst = sgtest.start_sg(pg, redis_srv, resolver=dns.address,
-                               ca_file=peer_ca.cert_file,
-                               extra_main=EXTRA_MAIN, error_log_level="debug")
+                               ca_file=ca.cert_file, extra_main=EXTRA_MAIN,
+                               **sg_kw)
         e.sg = inst
         yield e
     finally:
@@ -124,6 +128,12 @@ def env(pg, redis_srv, module_so, peer_ca):  # noqa: F811
         dns.stop()
         slow.stop()
         hosts.cleanup()
+
+
+@pytest.fixture(scope="module")
+def env(pg, redis_srv, module_so, peer_ca):  # noqa: F811
+    with env_up(pg, redis_srv, peer_ca, error_log_level="debug") as e:
+        yield e
 
 
 def redis_keys(redis_srv, pattern):

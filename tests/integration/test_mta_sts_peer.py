@@ -35,8 +35,8 @@ import pytest
 import sgtest
 from dnsserver import DnsServer
 from peers import peer_ca, wait_for, loopback_host  # noqa: F401 (fixture)
-from sts_servers import PolicyHosts, SlowServer, policy
-from test_mta_sts import Env, EXTRA_MAIN
+from sts_servers import policy
+from test_mta_sts import env_up
 
 MTA_STS_QUERY = "/usr/bin/mta-sts-query"
 MTA_STS_DAEMON = "/usr/bin/mta-sts-daemon"
@@ -119,37 +119,19 @@ MUST_AGREE = ("enforce", "testing", "modenone", "notxt", "twotxt",
 
 @pytest.fixture(scope="module")
 def env(pg, redis_srv, module_so, peer_ca):  # noqa: F811
-    hosts = PolicyHosts(peer_ca)
-    slow = SlowServer().start()
-    dns = DnsServer()
-    records = {"txt": [], "hosts": {}, "cname": [], "rr": [],
-               "zones": ["test"]}
-    e = Env(peer_ca, hosts, slow, dns, records)
-    inst = None
-    dns53 = None
-    try:
-        hosts.start()
-        dns.start(records)
-        if not redis_srv.is_running():
-            redis_srv.start()
-        inst = sgtest.start_sg(pg, redis_srv, resolver=dns.address,
-                               ca_file=peer_ca.cert_file,
-                               extra_main=EXTRA_MAIN)
-        e.sg = inst
-        cases, corpus = publish_fixtures(e)
-        # the resolver asks a DNS server on port 53: resolv.conf has no port
-        dns53 = DnsServer(host=loopback_host(53), port=53)
-        dns53.start(records)
-        e.dns53, e.cases, e.corpus = dns53, cases, corpus
-        yield e
-    finally:
-        if dns53 is not None:
-            dns53.stop()
-        if inst is not None:
-            sgtest.finish_sg(inst)
-        dns.stop()
-        slow.stop()
-        hosts.cleanup()
+    with env_up(pg, redis_srv, peer_ca) as e:
+        dns53 = None
+        try:
+            cases, corpus = publish_fixtures(e)
+            # the resolver asks a DNS server on port 53: resolv.conf has no
+            # port
+            dns53 = DnsServer(host=loopback_host(53), port=53)
+            dns53.start(e.records)
+            e.dns53, e.cases, e.corpus = dns53, cases, corpus
+            yield e
+        finally:
+            if dns53 is not None:
+                dns53.stop()
 
 
 def publish_fixtures(env):
