@@ -74,6 +74,7 @@ typedef struct {
                                            (RFC 5321, 5.1) */
     ngx_pool_t          *pool;          /* all of the above; the handler
                                            owns it: ngx_destroy_pool() */
+    ngx_uint_t           refs;          /* the handler's: 0 from here */
 } sg_dns_route_t;
 
 

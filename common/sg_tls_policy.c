@@ -59,6 +59,8 @@ sg_tls_decide(const sg_tls_facts_t *f, sg_tls_decision_t *d)
     {
         d->rule = f->dane ? 2 : 3;
         d->level = SG_TLS_MAY;
+        /* a failed handshake retries in clear, as for unflagged mail */
+        d->fallback = f->tls_failure_fallback;
         d->report_sts = (f->mta_sts_enabled && f->sts_mode != SG_STS_NONE);
         d->reason = "TLS-Required: No: STARTTLS when offered, policy"
                     " failures do not stop delivery (RFC 8689, 5)";
@@ -132,7 +134,19 @@ sg_tls_decide(const sg_tls_facts_t *f, sg_tls_decision_t *d)
         return;
     }
 
-    /* 7. */
+    /*
+     * 7.  RFC 8689, 5: the DSN of a flagged message is sent with
+     * REQUIRETLS when the next hop supports it, which only a post-TLS
+     * EHLO tells: STARTTLS is tried for it, unverified, never required
+     */
+
+    if (f->requiretls_dsn && f->requiretls_enabled) {
+        d->rule = 7;
+        d->level = SG_TLS_MAY;
+        d->reason = "the bounce of a REQUIRETLS message: STARTTLS when"
+                    " offered, to send it with REQUIRETLS (RFC 8689, 5)";
+        return;
+    }
 
     d->rule = 7;
     d->level = SG_TLS_NONE;

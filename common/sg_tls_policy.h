@@ -28,6 +28,7 @@ typedef struct {
     /* the message */
     unsigned        requiretls:1;          /* flagged (any source) */
     unsigned        tls_required_no:1;     /* "TLS-Required: No" */
+    unsigned        requiretls_dsn:1;      /* a DSN of a flagged message */
 
     /* the settings */
     unsigned        requiretls_enabled:1;

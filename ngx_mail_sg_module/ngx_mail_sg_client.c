@@ -1222,10 +1222,20 @@ sg_client_handshake_done(ngx_connection_t *c)
     c->write->handler = sg_client_write_handler;
 
     if (!c->ssl->handshaked) {
+        /*
+         * ngx_ssl_handshake() sets read->error only for a TLS failure (an
+         * alert, a protocol or version mismatch), not when the peer
+         * closed or reset the connection (nginx 1.22, ngx_event_openssl.c)
+         */
+        sc->info.transient = c->read->timedout || c->write->timedout
+                             || !c->read->error;
         sg_client_fail(sc, SG_CLIENT_HANDSHAKE,
                        (c->read->timedout || c->write->timedout)
                        ? "the TLS handshake timed out"
-                       : "the TLS handshake failed");
+                       : (c->read->error
+                          ? "the TLS handshake failed"
+                          : "the connection was closed in the TLS"
+                            " handshake"));
         return;
     }
 
@@ -2008,6 +2018,7 @@ sg_client_lost(sg_client_t *sc, const char *reason)
         break;
 
     case SG_CS_HANDSHAKE:
+        sc->info.transient = 1;
         sg_client_fail(sc, SG_CLIENT_HANDSHAKE, reason);
         break;
 

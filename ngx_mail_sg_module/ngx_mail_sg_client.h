@@ -92,6 +92,10 @@ typedef struct {
     unsigned             dsn:1;
     unsigned             requiretls:1;     /* listed after STARTTLS */
     unsigned             host_match:1;     /* certificate names the host */
+    unsigned             transient:1;      /* SG_CLIENT_HANDSHAKE: timed
+                                              out, or the peer closed or
+                                              reset the connection; not a
+                                              TLS protocol failure */
     off_t                size_limit;       /* SIZE n; 0: none given */
 
     u_char               tls_protocol[16]; /* "TLSv1.3" */

@@ -90,6 +90,9 @@ struct sg_dlv_job_s {
     size_t               body_len;
 
     json_t              *attempts;           /* rows for delivery_attempts */
+    sg_client_txn_t     *txn;                /* the transaction an attempt
+                                                row is written for, or NULL:
+                                                the pending recipients */
     double               started;
     ngx_event_t          retry;              /* recording failed: again */
     ngx_uint_t           retries;
@@ -135,6 +138,9 @@ struct sg_dlv_sess_s {
     ngx_queue_t          link;               /* dest->idle */
     ngx_event_t          idle;
 
+    sg_dns_route_t      *route;              /* the walk's, held: the
+                                                destination may have a
+                                                newer one */
     ngx_uint_t           host;               /* the MX walk */
     ngx_uint_t           addr;
     double               started;
@@ -229,6 +235,10 @@ static void sg_dlv_dest_run(sg_dlv_dest_t *dest);
 static void sg_dlv_dest_step(sg_dlv_dest_t *dest);
 static void sg_dlv_dest_routed(void *data, sg_dns_route_t *route);
 static void sg_dlv_dest_policy(void *data, sg_sts_answer_t *answer);
+static ngx_str_t *sg_dlv_policy_domain(sg_dlv_dest_t *dest);
+static void sg_dlv_route_release(sg_dlv_dest_t *dest, sg_dns_route_t *route,
+    ngx_uint_t used);
+static void sg_dlv_dest_lookup_policy(sg_dlv_dest_t *dest);
 static void sg_dlv_dest_fail_all(sg_dlv_dest_t *dest, ngx_uint_t bounce,
     const char *status, const char *reply);
 static void sg_dlv_dest_free(sg_dlv_dest_t *dest);
@@ -1575,27 +1585,9 @@ sg_dlv_dest_run(sg_dlv_dest_t *dest)
 static void
 sg_dlv_dest_step(sg_dlv_dest_t *dest)
 {
-    ngx_str_t       name;
     ngx_queue_t    *q;
     sg_dlv_job_t   *job;
     sg_dlv_sess_t  *sess;
-
-    while (!ngx_queue_empty(&dest->jobs) && !ngx_queue_empty(&dest->idle)) {
-        q = ngx_queue_head(&dest->idle);
-        sess = ngx_queue_data(q, sg_dlv_sess_t, link);
-        ngx_queue_remove(q);
-
-        if (sess->idle.timer_set) {
-            ngx_del_timer(&sess->idle);
-        }
-
-        q = ngx_queue_head(&dest->jobs);
-        job = ngx_queue_data(q, sg_dlv_job_t, link);
-        ngx_queue_remove(q);
-        dest->njobs--;
-
-        sg_dlv_sess_job(sess, job);
-    }
 
     if (ngx_queue_empty(&dest->jobs)) {
         if (dest->in_waiting) {
@@ -1608,37 +1600,26 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
     }
 
     /*
-     * the route: from DNS, reused for SG_DLV_ROUTE_TTL, and while sessions
-     * still walk it (they hold indexes into it)
+     * the route: from DNS, reused for SG_DLV_ROUTE_TTL.  Sessions hold
+     * indexes into the route they started with (sess->route): a busy
+     * destination gets a new one all the same, and the old one goes with
+     * its last session (sg_dlv_route_release).
      */
 
-    if (dest->route == NULL
-        || (dest->route_expires < ngx_time() && dest->sessions == 0))
-    {
+    if (dest->route == NULL || dest->route_expires < ngx_time()) {
         if (dest->dns || dest->sts_req) {
             return;
         }
 
-        if (dest->route) {
-            ngx_destroy_pool(dest->route->pool);
-            dest->route = NULL;
-        }
-
-        sg_sts_release(dest->sts);
-        dest->sts = NULL;
-
         /*
-         * RFC 8461, 4: the policy of the recipient domain; through a
-         * route or to an internal server, of the host sg connects to
-         * (an address literal has none).  Looked up beside the route.
+         * the policy is looked up beside the route; sessions still
+         * walking read the answer they have until the new one replaces
+         * it (sg_dlv_dest_policy)
          */
+        sg_dlv_dest_lookup_policy(dest);
 
-        name = dest->relay ? dest->host : dest->domain;
-
-        dest->sts_req = sg_sts_lookup(&name, sg_dlv_dest_policy, dest);
-
-        dest->dns = sg_dns_route(&name, !dest->relay, sg_dlv_dest_routed,
-                                 dest);
+        dest->dns = sg_dns_route(sg_dlv_policy_domain(dest), !dest->relay,
+                                 sg_dlv_dest_routed, dest);
         if (dest->dns == NULL) {
             sg_sts_cancel(dest->sts_req);
             dest->sts_req = NULL;
@@ -1661,18 +1642,32 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
     }
 
     if (dest->sts_expires < ngx_time() && dest->sts_req == NULL) {
-        /*
-         * busy destinations keep their route while sessions walk it; the
-         * policy is looked up again meanwhile (a new id, a new mode)
-         */
-        name = dest->relay ? dest->host : dest->domain;
-        dest->sts_req = sg_sts_lookup(&name, sg_dlv_dest_policy, dest);
-        dest->sts_expires = ngx_time() + SG_DLV_ROUTE_TTL;
+        /* the policy again (a new id, a new mode); the route is fresh */
+        sg_dlv_dest_lookup_policy(dest);
     }
 
     if (dest->sts_req) {
         /* sg_dlv_dest_policy() runs the destination */
         return;
+    }
+
+    /* idle sessions first: their connections are open */
+
+    while (!ngx_queue_empty(&dest->jobs) && !ngx_queue_empty(&dest->idle)) {
+        q = ngx_queue_head(&dest->idle);
+        sess = ngx_queue_data(q, sg_dlv_sess_t, link);
+        ngx_queue_remove(q);
+
+        if (sess->idle.timer_set) {
+            ngx_del_timer(&sess->idle);
+        }
+
+        q = ngx_queue_head(&dest->jobs);
+        job = ngx_queue_data(q, sg_dlv_job_t, link);
+        ngx_queue_remove(q);
+        dest->njobs--;
+
+        sg_dlv_sess_job(sess, job);
     }
 
     while (!ngx_queue_empty(&dest->jobs)
@@ -1690,7 +1685,8 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
     }
 
     if (!ngx_queue_empty(&dest->jobs) && !dest->in_waiting
-        && dest->sessions < sg_dlv.conf->dest_concurrency)
+        && dest->sessions < sg_dlv.conf->dest_concurrency
+        && !ngx_exiting)
     {
         /* no room in the worker: when a session ends */
         ngx_queue_insert_tail(&sg_dlv.waiting, &dest->waiting);
@@ -1702,16 +1698,16 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
 static void
 sg_dlv_dest_routed(void *data, sg_dns_route_t *route)
 {
-    sg_dlv_dest_t  *dest = data;
+    sg_dlv_dest_t   *dest = data;
+
+    sg_dns_route_t  *old;
 
     dest->dns = NULL;
 
-    if (dest->route) {
-        /* no session uses it: none starts while a lookup runs */
-        ngx_destroy_pool(dest->route->pool);
-    }
-
+    old = dest->route;
     dest->route = route;
+    sg_dlv_route_release(dest, old, 0);
+
     dest->route_expires = ngx_time()
                           + (route->status == SG_DNS_OK ? SG_DLV_ROUTE_TTL
                                                         : 0);
@@ -1721,6 +1717,50 @@ sg_dlv_dest_routed(void *data, sg_dns_route_t *route)
                    route->reason ? route->reason : "ok");
 
     sg_dlv_dest_run(dest);
+}
+
+
+/*
+ * A session no longer walks route (used: it held it), or the destination
+ * has a newer one: the last user of a route that is no longer the
+ * destination's frees it.
+ */
+
+static void
+sg_dlv_route_release(sg_dlv_dest_t *dest, sg_dns_route_t *route,
+    ngx_uint_t used)
+{
+    if (route == NULL) {
+        return;
+    }
+
+    route->refs -= used;
+
+    if (route->refs == 0 && route != dest->route) {
+        ngx_destroy_pool(route->pool);
+    }
+}
+
+
+/*
+ * RFC 8461, 4: the policy of the recipient domain; through a route or to
+ * an internal server, of the host sg connects to (an address literal has
+ * none).  The same name is the one looked up in DNS.
+ */
+
+static ngx_str_t *
+sg_dlv_policy_domain(sg_dlv_dest_t *dest)
+{
+    return dest->relay ? &dest->host : &dest->domain;
+}
+
+
+static void
+sg_dlv_dest_lookup_policy(sg_dlv_dest_t *dest)
+{
+    dest->sts_req = sg_sts_lookup(sg_dlv_policy_domain(dest),
+                                  sg_dlv_dest_policy, dest);
+    dest->sts_expires = ngx_time() + SG_DLV_ROUTE_TTL;
 }
 
 
@@ -1835,9 +1875,14 @@ sg_dlv_run_waiting(void)
     ngx_queue_t    *q;
     sg_dlv_dest_t  *dest;
 
+    /*
+     * stopping, no session starts: a destination run from here would
+     * only queue itself again (a worker spun on this once)
+     */
     while (!ngx_queue_empty(&sg_dlv.waiting)
            && sg_dlv.sessions + sg_dlv.client.closing
-              < sg_dlv.conf->concurrency)
+              < sg_dlv.conf->concurrency
+           && !ngx_exiting)
     {
         q = ngx_queue_head(&sg_dlv.waiting);
         dest = ngx_queue_data(q, sg_dlv_dest_t, waiting);
@@ -1880,7 +1925,27 @@ sg_dlv_sess_start(sg_dlv_dest_t *dest, sg_dlv_job_t *job)
 static void
 sg_dlv_sess_job(sg_dlv_sess_t *sess, sg_dlv_job_t *job)
 {
+    sg_dlv_dest_t  *dest;
+
+    dest = sess->dest;
     sess->job = job;
+
+    if (sess->route != dest->route
+        && dest->route && dest->route->status == SG_DNS_OK)
+    {
+        /*
+         * the destination was routed again: the job walks the new route,
+         * and a connection kept from the old one is not reused
+         */
+        if (sess->client) {
+            sg_client_close(sess->client);
+            sess->client = NULL;
+        }
+
+        sg_dlv_route_release(dest, sess->route, 1);
+        sess->route = dest->route;
+        sess->route->refs++;
+    }
 
     if (sess->client == NULL) {
         sess->host = 0;
@@ -1984,7 +2049,7 @@ sg_dlv_sess_next_host(sg_dlv_sess_t *sess)
 {
     sg_dns_route_t  *route;
 
-    route = sess->dest->route;
+    route = sess->route;
 
     sess->clear_retry = 0;
 
@@ -2021,12 +2086,12 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
     dest = sess->dest;
     job = sess->job;
 
-    if (sess->host >= dest->route->nhosts) {
+    if (sess->host >= sess->route->nhosts) {
         sg_dlv_sess_exhausted(sess);
         return;
     }
 
-    h = &dest->route->hosts[sess->host];
+    h = &sess->route->hosts[sess->host];
 
     if (h->naddrs == 0) {
         sess->host++;
@@ -2049,11 +2114,12 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
 
     f.requiretls = job->requiretls;
     f.tls_required_no = job->tls_required_no;
+    f.requiretls_dsn = job->requiretls_dsn;
     f.requiretls_enabled = st->requiretls_enabled;
     f.mta_sts_enabled = st->mta_sts_enabled;
     f.starttls_outbound = st->starttls_outbound;
     f.tls_failure_fallback = st->tls_failure_fallback;
-    f.mx_dnssec = dest->route->mx_secure && !dest->relay;
+    f.mx_dnssec = sess->route->mx_secure && !dest->relay;
     f.configured_host = dest->relay;
     f.internal_trusted = dest->internal_trusted;
 
@@ -2257,9 +2323,14 @@ sg_dlv_sess_opened(void *data, sg_client_t *c, sg_client_info_t *info)
         return;
     }
 
+    /*
+     * RFC 8689, 4.1: a requirement this host failed; a timeout, a closed
+     * connection or a 4xx is transient and defers as usual (issue 6)
+     */
     if (sess->decision.bounce
         && (info->step == SG_CLIENT_NO_STARTTLS
-            || info->step == SG_CLIENT_HANDSHAKE
+            || (info->step == SG_CLIENT_STARTTLS && info->reply.code >= 500)
+            || (info->step == SG_CLIENT_HANDSHAKE && !info->transient)
             || info->step == SG_CLIENT_VERIFY
             || info->step == SG_CLIENT_NO_REQUIRETLS))
     {
@@ -2374,9 +2445,10 @@ sg_dlv_sess_refuse(sg_dlv_sess_t *sess, sg_client_info_t *info,
 
     job = sess->job;
 
-    sg_dlv_rcpt_outcome(job, NULL, code, status, reply, &sess->host_name, 0);
+    /* the row first: it lists the recipients still pending */
     sg_dlv_attempt(sess, info, code / 100 == 5 ? "bounced" : "deferred",
                    reply);
+    sg_dlv_rcpt_outcome(job, NULL, code, status, reply, &sess->host_name, 0);
 
     sg_dlv_job_finish(job);
     sess->job = NULL;
@@ -2410,9 +2482,9 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
     {
         /*
          * the peer closed the kept connection while it was idle, and
-         * its close crossed MAIL FROM: nothing was transacted, so a new
-         * connection to the same address, at once (the client closed
-         * this one)
+         * its close crossed MAIL FROM: nothing was transacted, so the
+         * job walks the MX hosts from the first, at once (the client
+         * closed this one)
          */
         ngx_log_error(NGX_LOG_INFO, sg_dlv.log, 0,
                       "sg delivery: %s: the kept connection to %V[%*s] was"
@@ -2423,7 +2495,9 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
 
         sess->client = NULL;
         sess->kept = 0;
-        sg_dlv_sess_open(sess);
+        sess->host = 0;
+        sess->addr = 0;
+        sg_dlv_sess_decide(sess);
         return;
     }
 
@@ -2491,11 +2565,13 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
     result = delivered ? "delivered"
                        : (bounced == txn->nrcpts ? "bounced" : "deferred");
 
+    job->txn = txn;
     sg_dlv_attempt(sess, info, result,
                    txn->data_reply.code ? (char *) txn->data_reply.text
                    : (txn->mail_reply.code && txn->mail_reply.code / 100 != 2
                       ? (char *) txn->mail_reply.text
                       : (first ? (char *) first->reply : "")));
+    job->txn = NULL;
 
     if (txn->step != SG_CLIENT_OK) {
         /* the client closed the connection */
@@ -2668,6 +2744,8 @@ sg_dlv_sess_close(sg_dlv_sess_t *sess)
         sg_client_close(sess->client);
     }
 
+    sg_dlv_route_release(dest, sess->route, 1);
+
     dest->sessions--;
     sg_dlv.sessions--;
 
@@ -2706,10 +2784,23 @@ sg_dlv_attempt(sg_dlv_sess_t *sess, sg_client_info_t *info,
         return;
     }
 
-    for (i = 0; i < job->nrcpts; i++) {
-        json_array_append_new(rcpts,
-                              json_stringn((char *) job->rcpts[i].address.data,
-                                           job->rcpts[i].address.len));
+    /* the recipients this attempt was for (a 452 leaves some for the next) */
+
+    if (job->txn) {
+        for (i = 0; i < job->txn->nrcpts; i++) {
+            json_array_append_new(rcpts,
+                json_stringn((char *) job->txn->rcpts[i].address.data,
+                             job->txn->rcpts[i].address.len));
+        }
+
+    } else {
+        for (i = 0; i < job->nrcpts; i++) {
+            if (job->rcpts[i].state == SG_RCPT_PENDING) {
+                json_array_append_new(rcpts,
+                    json_stringn((char *) job->rcpts[i].address.data,
+                                 job->rcpts[i].address.len));
+            }
+        }
     }
 
     json_object_set_new(row, "recipients", rcpts);
@@ -2803,7 +2894,7 @@ sg_dlv_attempt_policy(sg_dlv_sess_t *sess, json_t *row)
     u_char            reason[SG_DLV_REPLY_MAX];
 
     a = sess->dest->sts;
-    domain = sess->dest->relay ? &sess->dest->host : &sess->dest->domain;
+    domain = sg_dlv_policy_domain(sess->dest);
     type = "no-policy-found";
     result = NULL;
 
@@ -2872,7 +2963,7 @@ sg_dlv_requirements(sg_dlv_sess_t *sess, sg_client_info_t *info)
     } else if (sess->dest->relay) {
         mx = "ok: a configured host, not from MX";
 
-    } else if (sess->dest->route->mx_secure) {
+    } else if (sess->route->mx_secure) {
         mx = "ok: DNSSEC-signed MX answer";
 
     } else {
@@ -2888,13 +2979,25 @@ sg_dlv_requirements(sg_dlv_sess_t *sess, sg_client_info_t *info)
             tls = "ok";
             cert = (info->step == SG_CLIENT_VERIFY) ? "failed" : "ok";
 
-            if (cert[0] == 'o') {
-                kw = info->requiretls
-                     ? "ok"
-                     : (sess->decision.need_requiretls
-                        ? "failed"
-                        : "not offered: the internal server is trusted");
+            if (info->requiretls) {
+                kw = "ok";
+
+            } else if (!sess->decision.need_requiretls) {
+                kw = "not offered: the internal server is trusted";
+
+            } else if (info->step == SG_CLIENT_NO_REQUIRETLS
+                       || info->step == SG_CLIENT_OK)
+            {
+                kw = "failed";
             }
+
+        } else if (info->step == SG_CLIENT_HANDSHAKE && info->transient) {
+            tls = "not completed (transient)";
+
+        } else if (info->step == SG_CLIENT_STARTTLS
+                   && info->reply.code < 500)
+        {
+            tls = "refused (transient)";
 
         } else if (info->step == SG_CLIENT_NO_STARTTLS
                    || info->step == SG_CLIENT_STARTTLS
@@ -3905,7 +4008,9 @@ sg_dlv_dsn_loaded(void *data, PGresult *res, const char *err,
               ? SG_DSN_RET_HDRS
               : (ngx_strcmp(PQgetvalue(res, 0, 1), "FULL") == 0
                  ? SG_DSN_RET_FULL : SG_DSN_RET_UNSET);
-    dsn.requiretls = (PQgetvalue(res, 0, 3)[0] == 't');
+    /* RFC 8689, 5; disabled, a flagged message is an ordinary one */
+    dsn.requiretls = (PQgetvalue(res, 0, 3)[0] == 't')
+                     && sg_worker.settings->requiretls_enabled;
     dsn.arrival = ngx_atotm((u_char *) PQgetvalue(res, 0, 4),
                             PQgetlength(res, 0, 4));
     dsn.now = ngx_time();

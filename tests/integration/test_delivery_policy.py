@@ -406,11 +406,14 @@ def test_requiretls_to_postfix_bounces_5_7_30_headers_only(W, hosts):
         assert "REQUIRETLS" not in txn.mail_line.upper()
 
 
+@pytest.mark.parametrize("outbound", [True, False])
 def test_bounce_of_a_flagged_message_carries_requiretls_when_offered(
-        W, hosts):
+        W, hosts, outbound):
     """RFC 8689, 5: the non-delivery report of a flagged message is sent
-    with MAIL FROM:<> REQUIRETLS when the sender's MX offers it."""
-    settings(W.inst, starttls_outbound=True)
+    with MAIL FROM:<> REQUIRETLS when the sender's MX offers it; STARTTLS
+    is tried for it even with "STARTTLS whenever possible" off, since
+    only the post-TLS EHLO tells whether the next hop supports it."""
+    settings(W.inst, starttls_outbound=outbound)
     snd = unique("rtsnd")
     back = tls_sink(W, "mx." + snd, ehlo_tls=RT_EHLO)
     try:
@@ -434,6 +437,7 @@ def test_bounce_of_a_flagged_message_carries_requiretls_when_offered(
         finally:
             sink.stop()
     finally:
+        settings(W.inst, starttls_outbound=False)
         back.stop()
 
 
@@ -459,7 +463,10 @@ def test_requiretls_each_requirement_failing(W, hosts, case):
     elif case == "no-starttls":
         kw = {"ehlo": DEFAULT_EHLO}
     elif case == "failure-list":
-        kw = {"tls_fail": True}
+        # a TLS failure (a protocol version alert; a closed connection
+        # would be transient)
+        kw = {"tls": W.ca.issue([name]), "tls_min_version": "TLSv1",
+              "tls_max_version": "TLSv1.1", "ehlo_tls": RT_EHLO}
     elif case == "no-requiretls":
         kw = {"tls": W.ca.issue([name])}
     else:
@@ -519,6 +526,10 @@ def test_requiretls_each_requirement_failing(W, hosts, case):
                   "failure-list": "starttls",
                   "no-requiretls": "requiretls_offered"}[case]
         assert req[failed] == "failed", req
+        if case == "failure-list":
+            # the hourly list does not apply: STARTTLS was tried
+            assert "STARTTLS" in [c.verb for ss in sink.sessions
+                                  for c in ss.commands]
         nothing_in_clear(sink)
         (txn,) = dsns_for(W, qid)
         _, rcpts, _ = dsn_parts(txn)
@@ -575,6 +586,163 @@ def test_requiretls_transient_failure_defers(W, hosts):
         assert mail_lines(sink)[-1].upper().endswith(" REQUIRETLS")
     finally:
         sink.stop()
+
+
+@pytest.mark.parametrize("how", ["closed-in-handshake", "starttls-454",
+                                 "ehlo-421-after-tls"])
+def test_requiretls_transient_tls_failure_defers(W, hosts, how):
+    """Issue 6, item 1: "transient failures (timeouts, 4xx) defer as
+    usual": the connection closed in the TLS handshake, a 454 to STARTTLS
+    (RFC 3207, 4: TLS not available for a temporary reason) or a 421 to
+    the EHLO after TLS defers a flagged message; it is not bounced, its
+    requirements say what was not reached, and once the host is well it
+    is delivered with REQUIRETLS."""
+    dom = unique("rttr")
+    name = "mx." + dom
+    kw = {"tls": W.ca.issue([name]), "ehlo_tls": RT_EHLO}
+    if how == "closed-in-handshake":
+        kw["tls_fail"] = True
+    elif how == "starttls-454":
+        kw["replies"] = {"STARTTLS": "454 4.7.0 TLS not available now"}
+    else:
+        kw["replies"] = {"EHLO": lambda sess, cmd:
+                         "421 4.3.2 going down" if sess.tls else None}
+    sink = SmtpSink(**kw)
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom)
+        qid = flagged_send(W, "tia@" + dom)
+        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
+                       and e["recipients"][0]["state"] == "deferred")
+        assert e["recipients"][0]["state"] == "deferred", e
+        req = e["attempts"][0]["requirements"]
+        assert req["mx_validated"].startswith("ok")
+        assert "failed" not in req.values(), req
+        if how == "ehlo-421-after-tls":
+            assert req["starttls"] == "ok" and req["certificate"] == "ok"
+            assert req["requiretls_offered"] == "not reached"
+        else:
+            assert "transient" in req["starttls"], req
+        nothing_in_clear(sink)
+        assert not dsns_for_now(W, qid)
+        sink.tls_fail = False
+        sink.replies = {}
+        assert api(W.inst, "POST",
+                   "/api/v1/queue/%s/retry" % qid).status_code in (200, 202)
+        e = wait_final(W, qid)
+        assert states(e) == {"tia@" + dom: "delivered"}
+        assert mail_lines(sink)[-1].upper().endswith(" REQUIRETLS")
+    finally:
+        sink.stop()
+
+
+def dsns_for_now(W, qid):
+    return [t for t in W.dsn_sink.messages
+            if qid in t.data.decode("utf-8", "replace")]
+
+
+def test_requiretls_starttls_refused_with_5xx_bounces(W, hosts):
+    """RFC 8689, 4.1: STARTTLS must succeed; a permanent refusal (5xx) is
+    that requirement failing: 5.7.10, naming the MX and STARTTLS."""
+    dom = unique("rt5xx")
+    sink = tls_sink(W, "mx." + dom, ehlo_tls=RT_EHLO,
+                    replies={"STARTTLS": "554 5.7.0 no TLS here"})
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom)
+        qid = flagged_send(W, "uma@" + dom)
+        e = bounce_of(W, qid)
+        r = e["recipients"][0]
+        assert r["dsn_status"] == "5.7.10", r
+        assert "mx." + dom in r["last_reply"]
+        assert "554 5.7.0 no TLS here" in r["last_reply"]
+        assert e["attempts"][-1]["requirements"]["starttls"] == "failed"
+        nothing_in_clear(sink)
+    finally:
+        sink.stop()
+
+
+def test_requiretls_walks_to_the_next_mx_that_qualifies(W, hosts):
+    """RFC 8689, 4.1: "otherwise try the next MX": the first MX lacks the
+    REQUIRETLS keyword, the second qualifies: delivered there with
+    REQUIRETLS; the first got no MAIL, and its attempt names the failed
+    requirement."""
+    dom = unique("rtwalk")
+    first = tls_sink(W, "mx1." + dom)               # no REQUIRETLS
+    second = tls_sink(W, "mx2." + dom, ehlo_tls=RT_EHLO)
+    try:
+        W.mx(dom, ("mx1." + dom, first.host, 10),
+             ("mx2." + dom, second.host, 20))
+        publish(W, hosts, dom, mx=("mx1." + dom, "mx2." + dom))
+        qid = flagged_send(W, "val@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"val@" + dom: "delivered"}, e
+        nothing_in_clear(first)
+        assert mail_lines(second)[-1].upper().endswith(" REQUIRETLS")
+        by_mx = {a["mx_host"]: a for a in e["attempts"]}
+        assert by_mx["mx1." + dom]["result"] == "next_mx"
+        assert by_mx["mx1." + dom]["requirements"]["requiretls_offered"] \
+            == "failed"
+        assert by_mx["mx2." + dom]["requirements"]["requiretls_offered"] \
+            == "ok"
+    finally:
+        first.stop()
+        second.stop()
+
+
+@pytest.mark.parametrize("fails,status", [
+    (("no-requiretls", "untrusted"), "5.7.30"),
+    (("untrusted", "no-starttls"), "5.7.10"),
+    (("no-requiretls", "busy"), None)])
+def test_requiretls_every_mx_failing(W, hosts, fails, status):
+    """RFC 8689, 4.1: when no MX qualifies nothing is transmitted and the
+    bounce names each MX and the requirement it failed: 5.7.30 when a host
+    lacked only the REQUIRETLS keyword, else 5.7.10 (docs/design.md); a
+    transient failure at one MX (a 421 greeting) defers instead."""
+    dom = unique("rtall")
+    names = ("mx1." + dom, "mx2." + dom)
+    why = {"no-requiretls": "REQUIRETLS is required but not offered",
+           "untrusted": "certificate verification failed",
+           "no-starttls": "STARTTLS is required but not offered"}
+    sinks = []
+    try:
+        for name, how in zip(names, fails):
+            if how == "no-requiretls":
+                sinks.append(tls_sink(W, name))
+            elif how == "untrusted":
+                sinks.append(SmtpSink(tls=W.ca.untrusted.issue([name]),
+                                      ehlo_tls=RT_EHLO))
+            elif how == "no-starttls":
+                sinks.append(SmtpSink(ehlo=DEFAULT_EHLO))
+            else:
+                sinks.append(tls_sink(W, name, ehlo_tls=RT_EHLO,
+                                      banner="421 4.3.2 busy, later"))
+        W.mx(dom, (names[0], sinks[0].host, 10),
+             (names[1], sinks[1].host, 20))
+        publish(W, hosts, dom, mx=names)
+        qid = flagged_send(W, "wes@" + dom)
+        if status is None:
+            e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 2
+                           and e["recipients"][0]["state"] == "deferred")
+            assert e["recipients"][0]["state"] == "deferred", e
+            assert not dsns_for_now(W, qid)
+        else:
+            e = bounce_of(W, qid)
+            r = e["recipients"][0]
+            assert r["dsn_status"] == status, r
+            for name, how in zip(names, fails):
+                assert name in r["last_reply"], r
+                assert why[how] in r["last_reply"], r
+            (txn,) = dsns_for(W, qid)
+            _, rcpts, _ = dsn_parts(txn)
+            assert rcpts[0]["Status"] == status
+            for name in names:
+                assert name in rcpts[0]["Diagnostic-Code"]
+        for sink in sinks:
+            nothing_in_clear(sink)
+    finally:
+        for sink in sinks:
+            sink.stop()
 
 
 @pytest.mark.parametrize("source", ["parameter", "rule", "address"])
@@ -671,6 +839,65 @@ def test_tls_required_no_delivers_despite_failing_enforce(W, hosts):
         assert a["policy"]["result_type"] == "validation-failure"
         assert sink.messages[0].tls
     finally:
+        sink.stop()
+
+
+def test_tls_required_no_handshake_failure_retries_in_clear(W, hosts):
+    """RFC 8689, 5: "TLS-Required: No": the message is delivered even when
+    TLS fails; a failed handshake under a failing enforce policy retries
+    at once without STARTTLS (the hourly fallback setting), as for
+    unflagged mail."""
+    settings(W.inst, tls_failure_fallback=True)
+    dom = unique("trnfb")
+    # TLS 1.1 only: the handshake fails with an alert (sg needs TLS 1.2)
+    sink = SmtpSink(tls=W.ca.issue(["mx." + dom]), tls_min_version="TLSv1",
+                    tls_max_version="TLSv1.1")
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom, mx=("mail.elsewhere.test",))
+        qid = send(W, "ray@" + dom, msg=(
+            "From: alice@sender.test\r\nTo: ray@%s\r\nTLS-Required: No\r\n"
+            "Subject: relaxed\r\n\r\nbody\r\n" % dom))
+        e = wait_final(W, qid)
+        assert states(e) == {"ray@" + dom: "delivered"}, e
+        assert [a["result"] for a in e["attempts"]][:1] == ["retry_clear"]
+        assert e["attempts"][0]["tls_rule"] == 3
+        assert not sink.messages[0].tls
+    finally:
+        api(W.inst, "DELETE", "/api/v1/tls-failures/mx." + dom)
+        sink.stop()
+
+
+def test_requiretls_disabled_bounce_honours_ret_full(W, hosts):
+    """The reference page: REQUIRETLS disabled, a flagged message is an
+    ordinary one, and so is its bounce: RET=FULL returns the whole message
+    (RFC 3461, 4.3), not only the headers (RFC 8689, 5 applies only to
+    REQUIRETLS messages)."""
+    dom = unique("rtret")
+    sink = tls_sink(W, "mx." + dom, banner="421 4.3.2 busy, later")
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom)
+        qid = send(W, "xia@" + dom, starttls=True,
+                   mail_options=["REQUIRETLS", "RET=FULL"],
+                   msg="From: alice@sender.test\r\nTo: xia@%s\r\n"
+                   "Subject: full\r\n\r\nthe whole body\r\n" % dom)
+        wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
+                   and e["recipients"][0]["state"] == "deferred")
+        settings(W.inst, requiretls_enabled=False)
+        sink.banner = None
+        sink.rcpt_reply = "550 5.1.1 no such user"
+        assert api(W.inst, "POST",
+                   "/api/v1/queue/%s/retry" % qid).status_code in (200, 202)
+        e = bounce_of(W, qid)
+        assert e["requiretls"]["flagged"] is True
+        (txn,) = dsns_for(W, qid)
+        _, rcpts, parts = dsn_parts(txn)
+        assert rcpts[0]["Status"] == "5.1.1"
+        assert parts[2].get_content_type() == "message/rfc822"
+        assert b"the whole body" in txn.data
+    finally:
+        settings(W.inst, requiretls_enabled=True)
         sink.stop()
 
 

@@ -25,6 +25,7 @@
 #define TRUST   0x0800      /* internal server trusted for REQUIRETLS */
 #define TRN     0x1000      /* "TLS-Required: No" */
 #define CONF    0x2000      /* H is a configured relay or internal server */
+#define DSN     0x4000      /* a DSN of a flagged message */
 
 
 typedef struct {
@@ -128,6 +129,18 @@ static const sg_tls_case_t  cases[] = {
       SG_STS_NONE, SG_TLS_MAY, 6, 0, 0, 1 },
     { "TLS-Required: No keeps the required list", TRN | REQ, SG_STS_NONE,
       SG_TLS_ENCRYPT, 4, 0, 0, 0 },
+    { "RFC 8689 5: TLS-Required: No, handshake failure retries in clear",
+      TRN | STS_ON | FB, SG_STS_ENFORCE, SG_TLS_MAY, 3, 0, 0, 1 },
+
+    /* RFC 8689 5: the DSN of a flagged message */
+    { "RFC 8689 5: DSN of a flagged message tries STARTTLS",
+      DSN | RT_ON | FB, SG_STS_NONE, SG_TLS_MAY, 7, 0, 0, 0 },
+    { "RFC 8689 5: DSN of a flagged message, REQUIRETLS disabled",
+      DSN | FB, SG_STS_NONE, SG_TLS_NONE, 7, 0, 0, 0 },
+    { "RFC 8689 5: DSN of a flagged message keeps the whitelist",
+      DSN | RT_ON | WL, SG_STS_NONE, SG_TLS_NONE, 5, 0, 0, 0 },
+    { "RFC 8689 5: DSN of a flagged message, STARTTLS whenever possible",
+      DSN | RT_ON | OUT | FB, SG_STS_NONE, SG_TLS_MAY, 6, 0, 0, 1 },
 };
 
 
@@ -150,6 +163,7 @@ facts(unsigned bits, sg_sts_mode_e sts, sg_tls_facts_t *f)
     f->internal_trusted = !!(bits & TRUST);
     f->tls_required_no = !!(bits & TRN);
     f->configured_host = !!(bits & CONF);
+    f->requiretls_dsn = !!(bits & DSN);
     f->sts_mode = sts;
 }
 
