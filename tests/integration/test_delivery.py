@@ -37,6 +37,7 @@ sg_delivery_idle_timeout 1s;
 sg_delivery_connect_timeout 2s;
 sg_delivery_command_timeout 5s;
 sg_delivery_data_done_timeout 5s;
+sg_mta_sts_txt_recheck 0;
 """
 
 FINAL = ("delivered", "bounced", "deleted")

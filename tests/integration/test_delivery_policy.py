@@ -159,7 +159,8 @@ def test_sts_enforce_mx_mismatch_is_skipped_and_deferred(W, hosts):
 
 def test_sts_enforce_new_policy_id_lets_the_message_through(W, hosts):
     """RFC 8461, 5 and 10.2: a new policy (new TXT id) is looked for before
-    a deferred message gives up: once it lists the MX, the retry delivers."""
+    a deferred message gives up: once it lists the MX, the retry delivers,
+    and its attempt names the new policy id."""
     dom = unique("stsnew")
     sink = tls_sink(W, "mx." + dom)
     try:
@@ -169,14 +170,66 @@ def test_sts_enforce_new_policy_id_lets_the_message_through(W, hosts):
         wait_entry(W, qid, lambda e: e["recipients"][0]["state"]
                    == "deferred")
         assert not sink.sessions
-        publish(W, hosts, dom)              # new id, lists mx.<dom>
-        r = api(W.inst, "GET", "/api/v1/mta-sts/policies/%s?refresh=1" % dom)
-        assert r.status_code == 200, r.text
+        # a new id, listing mx.<dom>: the retry's own lookup sees the TXT
+        # id change (RFC 8461, 3.1; sg_mta_sts_txt_recheck 0 in this
+        # world) and fetches the new policy; nothing asks for a refresh
+        new_id = publish(W, hosts, dom)
         assert api(W.inst, "POST",
                    "/api/v1/queue/%s/retry" % qid).status_code in (200, 202)
         e = wait_final(W, qid, timeout=60)
         assert states(e) == {"cid@" + dom: "delivered"}
         assert sink.messages[0].tls
+        assert e["attempts"][-1]["policy"]["id"] == new_id
+    finally:
+        sink.stop()
+
+
+def test_sts_enforce_walks_past_a_mismatched_mx(W, hosts):
+    """RFC 8461, 4.1: "treated as unreachable": the first MX, not in the
+    enforce policy, is skipped in the MX walk (no connection, a next_mx
+    attempt with validation-failure), and the second, which matches, gets
+    the message over verified TLS."""
+    dom = unique("stswalk")
+    first = tls_sink(W, "mx1." + dom)
+    second = tls_sink(W, "mx2." + dom)
+    try:
+        W.mx(dom, ("mx1." + dom, first.host, 10),
+             ("mx2." + dom, second.host, 20))
+        publish(W, hosts, dom, mx=("mx2." + dom,))
+        qid = send(W, "ike@" + dom)
+        e = wait_final(W, qid)
+        assert states(e) == {"ike@" + dom: "delivered"}, e
+        assert not first.sessions
+        assert second.messages[0].tls
+        skip, done = e["attempts"][0], e["attempts"][-1]
+        assert skip["mx_host"] == "mx1." + dom
+        assert skip["result"] == "next_mx"
+        assert skip["policy"]["result_type"] == "validation-failure"
+        assert done["mx_host"] == "mx2." + dom
+        assert (done["tls_level"], done["result"]) == ("verify", "delivered")
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_sts_enforce_mx_without_starttls_defers(W, hosts):
+    """RFC 8461, 5 (RFC-NOTES: enforce needs STARTTLS): an MX that does
+    not offer STARTTLS gets nothing in clear; the message is deferred and
+    the attempt says starttls-not-supported (RFC 8460, 4.3.2.1)."""
+    dom = unique("stsnotls")
+    sink = SmtpSink()                       # no STARTTLS in EHLO
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom)
+        qid = send(W, "joy@" + dom)
+        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
+                       and e["recipients"][0]["state"] == "deferred")
+        a = e["attempts"][0]
+        assert (a["tls_level"], a["tls_rule"]) == ("verify", 3)
+        assert a["tls_result_type"] == "starttls-not-supported"
+        assert e["recipients"][0]["state"] == "deferred"
+        nothing_in_clear(sink)
+        api(W.inst, "DELETE", "/api/v1/queue/" + qid)
     finally:
         sink.stop()
 
@@ -253,21 +306,29 @@ def test_sts_setting_off_ignores_policies(W, hosts):
         sink.stop()
 
 
-def test_sts_fetch_error_delivers_as_without_policy(W, hosts):
-    """RFC 8461, 5.1: a policy that cannot be fetched (HTTP 404) means
-    delivery as without one; RFC 8460, 4.3.1.1: sts-policy-fetch-error."""
-    dom = unique("sts404")
+@pytest.mark.parametrize("site,result_type,why", [
+    ({"status": 404}, "sts-policy-fetch-error", "404"),
+    ({"content_type": "text/html"}, "sts-policy-invalid", "text/html"),
+    ({"cert": "expired"}, "sts-webpki-invalid", "expired"),
+])
+def test_sts_fetch_error_delivers_as_without_policy(W, hosts, site,
+                                                    result_type, why):
+    """RFC 8461, 5.1: a policy that cannot be fetched (HTTP 404), is not
+    valid (not text/plain, 3.2) or comes from a host whose certificate
+    fails (3.3) means delivery as without one; the attempt records the
+    RFC 8460 result type (4.3.1.1, 4.3.1.2, 4.3.1.3) and the reason."""
+    dom = unique("stsfail")
     sink = SmtpSink()
     try:
         W.sink_mx(sink, dom)
-        publish(W, hosts, dom, status=404)
+        publish(W, hosts, dom, **site)
         qid = send(W, "gil@" + dom)
         e = wait_final(W, qid)
         assert states(e) == {"gil@" + dom: "delivered"}
         p = e["attempts"][-1]["policy"]
         assert p["type"] == "sts" and p["id"] is None
-        assert p["result_type"] == "sts-policy-fetch-error"
-        assert "404" in p["reason"]
+        assert p["result_type"] == result_type
+        assert why in p["reason"], p
     finally:
         sink.stop()
 
