@@ -94,6 +94,7 @@ struct sg_dlv_job_s {
                                                 row is written for, or NULL:
                                                 the pending recipients */
     double               started;
+    ngx_msec_t           claimed;            /* its lease was set */
     ngx_event_t          retry;              /* recording failed: again */
     ngx_uint_t           retries;
 };
@@ -182,9 +183,14 @@ typedef struct {
 
     ngx_uint_t           sessions;
     ngx_uint_t           jobs;               /* in memory, unfinished */
+    size_t               bodies;             /* bytes of bodies held */
+    ngx_queue_t          body_waiting;       /* sessions waiting for
+                                                sg_delivery_memory */
 
     ngx_event_t          poll;
     ngx_event_t          lease;
+    ngx_msec_t           lease_ok;           /* the leases were last
+                                                renewed */
     ngx_connection_t     dummy;
     ngx_connection_t    *quit;               /* "idle": told when a
                                                 graceful shutdown starts */
@@ -358,6 +364,13 @@ static ngx_command_t  sg_dlv_commands[] = {
       ngx_conf_set_num_slot,
       0,
       offsetof(sg_dlv_conf_t, mx_session_limit),
+      NULL },
+
+    { ngx_string("sg_delivery_memory"),
+      NGX_MAIN_CONF|NGX_DIRECT_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      0,
+      offsetof(sg_dlv_conf_t, memory),
       NULL },
 
     { ngx_string("sg_delivery_batch"),
@@ -675,6 +688,7 @@ sg_dlv_create_conf(ngx_cycle_t *cycle)
     conf->dest_concurrency = NGX_CONF_UNSET_UINT;
     conf->mx_address_limit = NGX_CONF_UNSET_UINT;
     conf->mx_session_limit = NGX_CONF_UNSET_UINT;
+    conf->memory = NGX_CONF_UNSET_SIZE;
     conf->batch = NGX_CONF_UNSET_UINT;
     conf->lease = NGX_CONF_UNSET_MSEC;
     conf->poll = NGX_CONF_UNSET_MSEC;
@@ -706,6 +720,7 @@ sg_dlv_init_conf(ngx_cycle_t *cycle, void *conf)
     ngx_conf_init_uint_value(dcf->batch, 200);
     ngx_conf_init_uint_value(dcf->mx_address_limit, 10);
     ngx_conf_init_uint_value(dcf->mx_session_limit, 4);
+    ngx_conf_init_size_value(dcf->memory, 256 * 1024 * 1024);
     /* RFC 5321, 4.5.3.2: the client's timeouts */
     ngx_conf_init_msec_value(dcf->connect_timeout, 30000);
     ngx_conf_init_msec_value(dcf->command_timeout, 300000);
@@ -746,6 +761,12 @@ sg_dlv_init_conf(ngx_cycle_t *cycle, void *conf)
                       "\"sg_delivery_mx_address_limit\" and"
                       " \"sg_delivery_mx_session_limit\" must be from 1"
                       " to 100");
+        return NGX_CONF_ERROR;
+    }
+
+    if (dcf->memory < 1024 * 1024) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "\"sg_delivery_memory\" must be at least 1m");
         return NGX_CONF_ERROR;
     }
 
@@ -854,6 +875,7 @@ sg_dlv_init_process(ngx_cycle_t *cycle)
     ngx_rbtree_init(&sg_dlv.dests, &sg_dlv.sentinel,
                     ngx_str_rbtree_insert_value);
     ngx_queue_init(&sg_dlv.waiting);
+    ngx_queue_init(&sg_dlv.body_waiting);
 
     sg_dlv.failures_pool = ngx_create_pool(1024, cycle->log);
     if (sg_dlv.failures_pool == NULL) {
@@ -1100,6 +1122,8 @@ sg_dlv_lease_done(void *data, PGresult *res, const char *err,
         return;
     }
 
+    sg_dlv.lease_ok = ngx_current_msec;
+
     if (PQntuples(res) == 1 && ngx_atoi((u_char *) PQgetvalue(res, 0, 1),
                                         PQgetlength(res, 0, 1)) > 0)
     {
@@ -1129,6 +1153,15 @@ sg_dlv_claim(void)
     }
 
     if (sg_lists_current() == NULL || !sg_worker.settings_loaded) {
+        return;
+    }
+
+    if (!ngx_queue_empty(&sg_dlv.body_waiting)) {
+        /*
+         * sg_delivery_memory is taken: bodies that would come with new
+         * claims would keep the waiting ones waiting
+         */
+        sg_dlv.again = 1;
         return;
     }
 
@@ -1298,6 +1331,7 @@ sg_dlv_claimed_job(PGresult *res, int *rows, ngx_uint_t nrows,
     }
 
     job->pool = pool;
+    job->claimed = ngx_current_msec;
     job->dest = dest;
     ngx_memcpy(job->id, PQgetvalue(res, i, 1), 16);
     job->started = sg_dlv_now();
@@ -1442,6 +1476,7 @@ sg_dlv_claimed_body(sg_dlv_job_t *job, PGresult *res, int row, int col)
 
     job->body = b;
     job->body_len = len;
+    sg_dlv.bodies += len;
 
     return NGX_OK;
 }
@@ -1979,6 +2014,17 @@ sg_dlv_sess_body(sg_dlv_sess_t *sess)
         return;
     }
 
+    if (sg_dlv.bodies && sg_dlv.bodies + (size_t) job->size
+                         > sg_dlv.conf->memory)
+    {
+        /* sg_delivery_memory: when another job's body is freed */
+        ngx_log_debug2(NGX_LOG_DEBUG_MAIL, sg_dlv.log, 0,
+                       "sg delivery: %s waits for memory (%uz bytes held)",
+                       job->id, sg_dlv.bodies);
+        ngx_queue_insert_tail(&sg_dlv.body_waiting, &sess->link);
+        return;
+    }
+
     param.data = (const char *) job->id;
     param.len = 16;
     param.binary = 0;
@@ -2037,6 +2083,7 @@ sg_dlv_body_loaded(void *data, PGresult *res, const char *err,
 
     ngx_memcpy(job->body, PQgetvalue(res, 0, 0), len);
     job->body_len = len;
+    sg_dlv.bodies += len;
 
     sg_dlv_sess_decide(sess);
 }
@@ -2353,12 +2400,37 @@ static void
 sg_dlv_sess_send(sg_dlv_sess_t *sess)
 {
     ngx_uint_t         i, n;
+    ngx_msec_t         since;
     sg_dlv_job_t      *job;
     sg_client_txn_t   *txn;
     sg_client_info_t  *info;
 
     job = sess->job;
     info = sg_client_info(sess->client);
+
+    /*
+     * PostgreSQL has not renewed the job's claim for two renewal periods:
+     * it may run out soon, and another worker may then claim and send the
+     * message too.  Not sent; the claim comes back (docs/design.md,
+     * "Delivered twice").
+     */
+    since = ngx_max(job->claimed, sg_dlv.lease_ok);
+
+    if (ngx_current_msec - since
+        > sg_dlv.conf->lease - sg_dlv.conf->lease / 3)
+    {
+        ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
+                      "sg delivery: %s: not sent: its claim was not renewed"
+                      " for %M ms (PostgreSQL unavailable)", job->id,
+                      ngx_current_msec - since);
+        sg_dlv_rcpt_outcome(job, NULL, 451, "4.3.0",
+                            "not sent: the claim could not be renewed",
+                            NULL, 0);
+        sg_dlv_job_finish(job);
+        sess->job = NULL;
+        sg_dlv_sess_done(sess);
+        return;
+    }
 
     if (info->size_limit && job->size > info->size_limit) {
         /* RFC 1870, 6.1: the next hop's fixed limit */
@@ -3349,6 +3421,15 @@ sg_dlv_job_recorded(void *data, PGresult *res, const char *err,
         return;
     }
 
+    if (PQntuples(res) == 1 && PQgetvalue(res, 0, 0)[0] == '0') {
+        /* the claim ran out meanwhile and another worker took it */
+        ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
+                      "sg delivery: %s: results not recorded: the claim"
+                      " ran out before they could be written (PostgreSQL"
+                      " was unavailable); its recipients are delivered"
+                      " again", job->id);
+    }
+
     dsn = 0;
 
     for (i = 0; i < job->nrcpts; i++) {
@@ -3370,9 +3451,31 @@ sg_dlv_job_recorded(void *data, PGresult *res, const char *err,
 static void
 sg_dlv_job_free(sg_dlv_job_t *job)
 {
+    ngx_queue_t    *q;
+    sg_dlv_sess_t  *sess;
+
+    sg_dlv.bodies -= job->body_len;
+
     json_decref(job->attempts);
     ngx_destroy_pool(job->pool);
     sg_dlv.jobs--;
+
+    /* sessions waiting for sg_delivery_memory, in order, while it fits */
+
+    while (!ngx_queue_empty(&sg_dlv.body_waiting) && !ngx_exiting) {
+        q = ngx_queue_head(&sg_dlv.body_waiting);
+        sess = ngx_queue_data(q, sg_dlv_sess_t, link);
+
+        if (sg_dlv.bodies
+            && sg_dlv.bodies + (size_t) sess->job->size
+               > sg_dlv.conf->memory)
+        {
+            break;
+        }
+
+        ngx_queue_remove(q);
+        sg_dlv_sess_body(sess);
+    }
 }
 
 
@@ -3390,11 +3493,29 @@ sg_dlv_release(void)
     ngx_rbtree_node_t *node;
     sg_dlv_job_t    *job;
     sg_dlv_dest_t   *dest;
+    sg_dlv_sess_t   *sess;
     const char      *params[2];
     u_char          *ids;
     size_t           size;
 
     if (sg_dlv.released || sg_dlv.dests.root == sg_dlv.dests.sentinel) {
+        return;
+    }
+
+    /* sessions waiting for memory have not started: their jobs go too */
+
+    while (!ngx_queue_empty(&sg_dlv.body_waiting)) {
+        q = ngx_queue_head(&sg_dlv.body_waiting);
+        sess = ngx_queue_data(q, sg_dlv_sess_t, link);
+        ngx_queue_remove(q);
+
+        ngx_queue_insert_head(&sess->dest->jobs, &sess->job->link);
+        sess->dest->njobs++;
+        sess->job = NULL;
+        sg_dlv_sess_close(sess);
+    }
+
+    if (sg_dlv.dests.root == sg_dlv.dests.sentinel) {
         return;
     }
 

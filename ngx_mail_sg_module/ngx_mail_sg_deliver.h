@@ -27,6 +27,7 @@ typedef struct {
     ngx_uint_t           dest_concurrency;   /* per destination, per worker */
     ngx_uint_t           mx_address_limit;   /* addresses tried per job */
     ngx_uint_t           mx_session_limit;   /* sessions that got an answer */
+    size_t               memory;             /* message bodies held */
     ngx_uint_t           batch;              /* recipients claimed at once */
     ngx_msec_t           lease;
     ngx_msec_t           poll;

@@ -10,11 +10,13 @@ Uses the world of test_delivery.py (its own PostgreSQL, Redis, DNS and sg).
 import os
 import secrets
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from peers import SmtpSink, peer_ca  # noqa: E402,F401
-from test_delivery import W, send, states, wait_final, world  # noqa: E402,F401
+from peers import SmtpSink, peer_ca, wait_for  # noqa: E402,F401
+from test_delivery import (W, entry, send, states, wait_final,  # noqa: E402,F401
+                           world)
 
 LIMIT = 32768
 
@@ -70,3 +72,44 @@ def test_every_job_of_a_message_gets_the_body(W):
     finally:
         s1.stop()
         s2.stop()
+
+
+def test_delivery_memory_bounds_the_bodies_held(W):
+    """sg_delivery_memory (issue 4: limits on every length and count): a
+    worker holds at most that many bytes of bodies. With 1m and one 700 KB
+    body held by a transaction that waits for its final reply, a second
+    700 KB message waits before it even connects; it goes once the first
+    is done. A message bigger than the whole budget still goes when
+    nothing else is held."""
+    from test_delivery_edges import Gate
+
+    gate = Gate()
+    held, other = SmtpSink(final_reply=gate), SmtpSink()
+    conf = W.conf + "sg_delivery_memory 1m;\n"
+    try:
+        with W.instance(extra_main=conf):
+            d1, d2 = W.sink_mx(held), W.sink_mx(other)
+            m1, m2 = body_of(700000), body_of(700001)
+            q1 = send(W, "big1@" + d1, msg=m1)
+            assert gate.reached.wait(30)
+            q2 = send(W, "big2@" + d2, msg=m2)
+            # q2 is claimed, and waits for memory: no connection at all
+            wait_for(lambda: entry(W, q2)["recipients"][0]["state"]
+                     == "delivering", timeout=20,
+                     message="the second message claimed")
+            time.sleep(2)
+            assert not other.sessions
+            gate.open()
+            for qid in (q1, q2):
+                e = wait_final(W, qid)
+                assert set(states(e).values()) == {"delivered"}, e
+            assert other.wait_messages(1)[0].data.endswith(m2)
+            huge = body_of(1500000)
+            q3 = send(W, "huge@" + d2, msg=huge)
+            e = wait_final(W, q3, timeout=60)
+            assert set(states(e).values()) == {"delivered"}, e
+            assert other.wait_messages(2)[1].data.endswith(huge)
+    finally:
+        gate.open()
+        held.stop()
+        other.stop()

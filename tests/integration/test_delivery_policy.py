@@ -962,6 +962,47 @@ def test_requiretls_disabled_bounce_honours_ret_full(W, hosts):
         sink.stop()
 
 
+@pytest.mark.parametrize("cert", ["good", "wrong-name"])
+def test_requiretls_through_a_route_relay_host(W, hosts, cert):
+    """Issue 6, item 1 and docs/design.md (our decision): a route's relay
+    host is configured by the admin, not taken from an MX answer, so it
+    counts as validated; STARTTLS, a certificate naming the relay host and
+    the REQUIRETLS keyword are still required: delivered with REQUIRETLS,
+    or, with a certificate for another name, bounced 5.7.10 naming it."""
+    relay = "relay." + unique("rtrt")
+    dom = unique("rtrouted")
+    pair = W.ca.issue([relay]) if cert == "good" \
+        else W.ca.mismatched("other.invalid")
+    sink = SmtpSink(tls=pair, ehlo_tls=RT_EHLO)
+    r = None
+    try:
+        W.host(relay, sink.host)
+        r = api(W.inst, "POST", "/api/v1/routes",
+                json={"domain": dom, "relay": "%s:25" % relay})
+        assert r.status_code == 201, r.text
+        time.sleep(0.5)                 # the lists reach the worker
+        qid = flagged_send(W, "yan@" + dom)
+        e = wait_final(W, qid)
+        a = e["attempts"][-1]
+        assert a["mx_host"] == relay
+        assert a["requirements"]["mx_validated"] \
+            == "ok: a configured host, not from MX"
+        if cert == "good":
+            assert states(e) == {"yan@" + dom: "delivered"}, e
+            assert mail_lines(sink)[-1].upper().endswith(" REQUIRETLS")
+            assert a["requirements"]["requiretls_offered"] == "ok"
+        else:
+            assert e["recipients"][0]["state"] == "bounced", e
+            assert e["recipients"][0]["dsn_status"] == "5.7.10"
+            assert relay in e["recipients"][0]["last_reply"]
+            assert a["requirements"]["certificate"] == "failed"
+            nothing_in_clear(sink)
+    finally:
+        if r is not None and r.status_code == 201:
+            api(W.inst, "DELETE", "/api/v1/routes/%s" % r.json()["id"])
+        sink.stop()
+
+
 @pytest.mark.parametrize("trusted", [False, True])
 def test_requiretls_to_a_local_domains_internal_server(W, hosts, trusted):
     """Issue 6, item 5: a flagged message for a local domain's internal
