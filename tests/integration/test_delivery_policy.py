@@ -95,6 +95,12 @@ def metric(W, line_start):
     raise AssertionError("%s not in /metrics:\n%s" % (line_start, r.text))
 
 
+def first_deferral(W, qid):
+    """The queue entry once its first attempt deferred the recipient."""
+    return wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
+                      and e["recipients"][0]["state"] == "deferred")
+
+
 def bounce_of(W, qid):
     e = wait_final(W, qid)
     assert all(r["state"] == "bounced" for r in e["recipients"]), e
@@ -141,8 +147,7 @@ def test_sts_enforce_mx_mismatch_is_skipped_and_deferred(W, hosts):
         W.sink_mx(sink, dom)
         publish(W, hosts, dom, mx=("mail.elsewhere.test",))
         qid = send(W, "bea@" + dom)
-        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
-                       and e["recipients"][0]["state"] == "deferred")
+        e = first_deferral(W, qid)
         a = e["attempts"][0]
         assert a["result"] == "next_mx" and a["mx_host"] == "mx." + dom
         assert a["policy"]["result_type"] == "validation-failure"
@@ -212,49 +217,29 @@ def test_sts_enforce_walks_past_a_mismatched_mx(W, hosts):
         second.stop()
 
 
-def test_sts_enforce_mx_without_starttls_defers(W, hosts):
-    """RFC 8461, 5 (RFC-NOTES: enforce needs STARTTLS): an MX that does
-    not offer STARTTLS gets nothing in clear; the message is deferred and
-    the attempt says starttls-not-supported (RFC 8460, 4.3.2.1)."""
-    dom = unique("stsnotls")
-    sink = SmtpSink()                       # no STARTTLS in EHLO
-    try:
-        W.sink_mx(sink, dom)
-        publish(W, hosts, dom)
-        qid = send(W, "joy@" + dom)
-        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
-                       and e["recipients"][0]["state"] == "deferred")
-        a = e["attempts"][0]
-        assert (a["tls_level"], a["tls_rule"]) == ("verify", 3)
-        assert a["tls_result_type"] == "starttls-not-supported"
-        assert e["recipients"][0]["state"] == "deferred"
-        nothing_in_clear(sink)
-        api(W.inst, "DELETE", "/api/v1/queue/" + qid)
-    finally:
-        sink.stop()
-
-
 @pytest.mark.parametrize("cert,result_type", [
     ("untrusted", "certificate-not-trusted"),
     ("wrong-name", "certificate-host-mismatch"),
     ("expired", "certificate-expired"),
+    ("no-starttls", "starttls-not-supported"),
 ])
-def test_sts_enforce_bad_certificate_defers(W, hosts, cert, result_type):
-    """RFC 8461, 4.2: under enforce the MX certificate must chain to a
-    trusted root and name the MX host; else nothing is sent, the message
-    is deferred, and the RFC 8460 result type is recorded."""
+def test_sts_enforce_tls_failure_defers(W, hosts, cert, result_type):
+    """RFC 8461, 4.2 and 5: under enforce the MX must offer STARTTLS
+    (RFC-NOTES) and its certificate must chain to a trusted root and name
+    the MX host; else nothing is sent, not even in clear, the message is
+    deferred, and the RFC 8460 result type is recorded (4.3.2.1)."""
     dom = unique("stscert")
     name = "mx." + dom
     pair = {"untrusted": lambda: W.ca.untrusted.issue([name]),
             "wrong-name": lambda: W.ca.mismatched("other.invalid"),
-            "expired": lambda: W.ca.issue([name], expired=True)}[cert]()
+            "expired": lambda: W.ca.issue([name], expired=True),
+            "no-starttls": lambda: None}[cert]()
     sink = SmtpSink(tls=pair)
     try:
         W.sink_mx(sink, dom)
         publish(W, hosts, dom)
         qid = send(W, "dee@" + dom)
-        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
-                       and e["recipients"][0]["state"] == "deferred")
+        e = first_deferral(W, qid)
         a = e["attempts"][0]
         assert a["tls_level"] == "verify" and a["tls_rule"] == 3
         assert a["tls_result_type"] == result_type
@@ -636,8 +621,7 @@ def test_requiretls_transient_failure_defers(W, hosts):
         W.sink_mx(sink, dom)
         publish(W, hosts, dom)
         qid = flagged_send(W, "max@" + dom)
-        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
-                       and e["recipients"][0]["state"] == "deferred")
+        e = first_deferral(W, qid)
         assert e["recipients"][0]["state"] == "deferred"
         sink.banner = None
         assert api(W.inst, "POST",
@@ -673,8 +657,7 @@ def test_requiretls_transient_tls_failure_defers(W, hosts, how):
         W.sink_mx(sink, dom)
         publish(W, hosts, dom)
         qid = flagged_send(W, "tia@" + dom)
-        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
-                       and e["recipients"][0]["state"] == "deferred")
+        e = first_deferral(W, qid)
         assert e["recipients"][0]["state"] == "deferred", e
         req = e["attempts"][0]["requirements"]
         assert req["mx_validated"].startswith("ok")
@@ -861,8 +844,7 @@ def test_requiretls_disabled_delivers_as_unflagged(W, hosts):
         W.sink_mx(sink, dom)
         publish(W, hosts, dom)
         qid = flagged_send(W, "ola@" + dom)
-        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
-                       and e["recipients"][0]["state"] == "deferred")
+        e = first_deferral(W, qid)
         assert e["attempts"][0]["tls_rule"] == 1
         settings(W.inst, requiretls_enabled=False)
         sink.banner = None
@@ -943,8 +925,7 @@ def test_requiretls_disabled_bounce_honours_ret_full(W, hosts):
                    mail_options=["REQUIRETLS", "RET=FULL"],
                    msg="From: alice@sender.test\r\nTo: xia@%s\r\n"
                    "Subject: full\r\n\r\nthe whole body\r\n" % dom)
-        wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
-                   and e["recipients"][0]["state"] == "deferred")
+        first_deferral(W, qid)
         settings(W.inst, requiretls_enabled=False)
         sink.banner = None
         sink.rcpt_reply = "550 5.1.1 no such user"
