@@ -89,6 +89,10 @@ struct sg_dlv_job_s {
     u_char              *body;
     size_t               body_len;
 
+    ngx_queue_t          all;                /* sg_dlv.all_jobs */
+    sg_client_txn_t     *sending;            /* the transaction under way */
+    unsigned             recording:1;        /* outcomes are final: the
+                                                results statement has them */
     json_t              *attempts;           /* rows for delivery_attempts */
     sg_client_txn_t     *txn;                /* the transaction an attempt
                                                 row is written for, or NULL:
@@ -184,6 +188,7 @@ typedef struct {
     ngx_uint_t           sessions;
     ngx_uint_t           jobs;               /* in memory, unfinished */
     size_t               bodies;             /* bytes of bodies held */
+    ngx_queue_t          all_jobs;           /* every job in memory */
     ngx_queue_t          body_waiting;       /* sessions waiting for
                                                 sg_delivery_memory */
 
@@ -242,6 +247,7 @@ static void sg_dlv_dest_step(sg_dlv_dest_t *dest);
 static void sg_dlv_dest_routed(void *data, sg_dns_route_t *route);
 static void sg_dlv_dest_policy(void *data, sg_sts_answer_t *answer);
 static ngx_str_t *sg_dlv_policy_domain(sg_dlv_dest_t *dest);
+static void sg_dlv_release_at_exit(ngx_cycle_t *cycle);
 static void sg_dlv_route_release(sg_dlv_dest_t *dest, sg_dns_route_t *route,
     ngx_uint_t used);
 static void sg_dlv_dest_lookup_policy(sg_dlv_dest_t *dest);
@@ -876,6 +882,7 @@ sg_dlv_init_process(ngx_cycle_t *cycle)
                     ngx_str_rbtree_insert_value);
     ngx_queue_init(&sg_dlv.waiting);
     ngx_queue_init(&sg_dlv.body_waiting);
+    ngx_queue_init(&sg_dlv.all_jobs);
 
     sg_dlv.failures_pool = ngx_create_pool(1024, cycle->log);
     if (sg_dlv.failures_pool == NULL) {
@@ -940,6 +947,9 @@ sg_dlv_exit_process(ngx_cycle_t *cycle)
         (void) ngx_close_socket(sg_dlv.quit_fd[1]);
     }
 
+    /* a fast stop: the claims not used go back now, not at lease end */
+    sg_dlv_release_at_exit(cycle);
+
     /* connections still open (idle, saying QUIT) are closed now */
     sg_client_abort_all();
 
@@ -952,6 +962,132 @@ sg_dlv_exit_process(ngx_cycle_t *cycle)
         ngx_ssl_cleanup_ctx(sg_dlv.client.ssl);
         sg_dlv.client.ssl = NULL;
     }
+}
+
+
+/*
+ * The worker exits at once (nginx -s stop, SIGTERM; a graceful stop gets
+ * here with no job left): recipients it claimed and has not sent go back
+ * to the queue now instead of when their lease runs out.  Not those of a
+ * transaction whose final "." was sent (the reply may have been a 250:
+ * the lease decides, docs/design.md "Delivered twice"), nor results
+ * already decided.  The event loop is over: one short blocking statement
+ * on a connection of its own, bounded by connect and statement timeouts
+ * (nginx's master kills a worker that takes more than about a second).
+ */
+
+static void
+sg_dlv_release_at_exit(ngx_cycle_t *cycle)
+{
+    u_char          *ids, *p, *last;
+    size_t           n;
+    PGconn          *conn;
+    PGresult        *res;
+    ngx_uint_t       i;
+    ngx_queue_t     *q;
+    sg_dlv_job_t    *job;
+    sg_core_conf_t  *scf;
+    const char      *params[2];
+    u_char           conninfo[1024];
+
+    static const char  *keys[] = { "dbname", "connect_timeout", "options",
+                                   NULL };
+    const char         *values[4];
+
+    n = 0;
+
+    for (q = ngx_queue_head(&sg_dlv.all_jobs);
+         q != ngx_queue_sentinel(&sg_dlv.all_jobs);
+         q = ngx_queue_next(q))
+    {
+        job = ngx_queue_data(q, sg_dlv_job_t, all);
+        n += job->nrcpts;
+    }
+
+    scf = sg_core_conf(cycle);
+
+    if (n == 0 || scf == NULL
+        || scf->pg_conninfo.len >= sizeof(conninfo))
+    {
+        return;
+    }
+
+    ids = ngx_alloc(n * (NGX_INT64_LEN + 1) + 3, cycle->log);
+    if (ids == NULL) {
+        return;
+    }
+
+    p = ids;
+    last = ids + n * (NGX_INT64_LEN + 1) + 3;
+    *p++ = '{';
+    n = 0;
+
+    for (q = ngx_queue_head(&sg_dlv.all_jobs);
+         q != ngx_queue_sentinel(&sg_dlv.all_jobs);
+         q = ngx_queue_next(q))
+    {
+        job = ngx_queue_data(q, sg_dlv_job_t, all);
+
+        if (job->recording || (job->sending && job->sending->data_sent)) {
+            continue;
+        }
+
+        for (i = 0; i < job->nrcpts; i++) {
+            if (job->rcpts[i].state == SG_RCPT_PENDING) {
+                p = ngx_slprintf(p, last, "%s%L", n ? "," : "",
+                                 job->rcpts[i].id);
+                n++;
+            }
+        }
+    }
+
+    p = ngx_slprintf(p, last, "}%Z");
+
+    if (n == 0) {
+        ngx_free(ids);
+        return;
+    }
+
+    ngx_cpystrn(conninfo, scf->pg_conninfo.data, scf->pg_conninfo.len + 1);
+
+    values[0] = (const char *) conninfo;
+    values[1] = "2";
+    values[2] = "-c statement_timeout=1000";
+    values[3] = NULL;
+
+    conn = PQconnectdbParams(keys, values, 1);
+
+    if (PQstatus(conn) != CONNECTION_OK) {
+        ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
+                      "sg delivery: stopping: %uz recipients not sent come"
+                      " back when their claim runs out (PostgreSQL: %s)",
+                      n, PQerrorMessage(conn));
+        PQfinish(conn);
+        ngx_free(ids);
+        return;
+    }
+
+    params[0] = (const char *) ids;
+    params[1] = sg_dlv.worker_id;
+
+    res = PQexecParams(conn, SG_DLV_RELEASE_SQL, 2, NULL, params, NULL, NULL,
+                       0);
+
+    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
+        ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
+                      "sg delivery: stopping: %s of %uz recipients not sent"
+                      " went back to the queue", PQcmdTuples(res), n);
+
+    } else {
+        ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
+                      "sg delivery: stopping: %uz recipients not sent come"
+                      " back when their claim runs out (PostgreSQL: %s)",
+                      n, PQresultErrorMessage(res));
+    }
+
+    PQclear(res);
+    PQfinish(conn);
+    ngx_free(ids);
 }
 
 
@@ -1332,6 +1468,7 @@ sg_dlv_claimed_job(PGresult *res, int *rows, ngx_uint_t nrows,
 
     job->pool = pool;
     job->claimed = ngx_current_msec;
+    ngx_queue_insert_tail(&sg_dlv.all_jobs, &job->all);
     job->dest = dest;
     ngx_memcpy(job->id, PQgetvalue(res, i, 1), 16);
     job->started = sg_dlv_now();
@@ -2495,6 +2632,7 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
 
     sess->started = sg_dlv_now();
 
+    job->sending = txn;
     sg_client_send(sess->client, txn, sg_dlv_sess_sent, sess);
     return;
 
@@ -2542,6 +2680,7 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
     sg_client_reply_t *reply;
 
     job = sess->job;
+    job->sending = NULL;
     info = sg_client_info(c);
     dsn_peer = info->dsn;
     delivered = 0;
@@ -3282,6 +3421,8 @@ sg_dlv_job_record(sg_dlv_job_t *job)
     static const char  *states[] = { "deferred", "delivered", "deferred",
                                      "bounced" };
 
+    job->recording = 1;
+
     rows = json_array();
     if (rows == NULL) {
         goto retry;
@@ -3455,6 +3596,7 @@ sg_dlv_job_free(sg_dlv_job_t *job)
     sg_dlv_sess_t  *sess;
 
     sg_dlv.bodies -= job->body_len;
+    ngx_queue_remove(&job->all);
 
     json_decref(job->attempts);
     ngx_destroy_pool(job->pool);

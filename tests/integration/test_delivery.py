@@ -423,6 +423,57 @@ def test_connection_dropped_mid_data_is_retried(W):
         sink.stop()
 
 
+def test_sigterm_hands_back_at_once_what_was_not_sent(W):
+    """Issue 4, item 9: nginx stopped fast (SIGTERM) while one transaction
+    waits for its RCPT reply and another for the reply to its final ".":
+    the first recipient goes back to the queue at once (not when its
+    5-minute lease runs out); the second stays claimed, since the remote
+    may have accepted it (docs/design.md, "Delivered twice"). After the
+    restart the first is delivered."""
+    import threading
+    held = threading.Event()
+
+    def hold(session, obj):
+        held.set()
+        time.sleep(30)
+
+    waiting, sent = SmtpSink(rcpt_reply=hold), SmtpSink(final_reply=hold)
+    try:
+        with W.instance(extra_main=W.conf.replace(
+                "sg_delivery_lease 3s;", "sg_delivery_lease 5m;")) as inst:
+            d1, d2 = W.sink_mx(waiting), W.sink_mx(sent)
+            q1 = send(W, "ada@" + d1)
+            q2 = send(W, "bob@" + d2)
+            wait_for(lambda: waiting.transactions and sent.transactions
+                     and sent.transactions[0].complete, timeout=20,
+                     message="one transaction at RCPT, one after the dot")
+            os.kill(inst.nginx.pid, signal.SIGTERM)
+            inst.nginx.proc.wait(30)
+            conn = W.pg.connect()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT message_id, state, claimed_by"
+                                " FROM recipients WHERE message_id"
+                                " IN (%s, %s)", (q1, q2))
+                    got = {r[0]: (r[1], r[2] is None)
+                           for r in cur.fetchall()}
+            finally:
+                conn.close()
+            assert got[q1] == ("deferred", True), got
+            assert got[q2] == ("delivering", False), got
+            with open(inst.error_log, errors="replace") as f:
+                assert "1 of 1 recipients not sent went back to the" \
+                    " queue" in f.read()
+            waiting.rcpt_reply = None
+            inst.start()
+            e = wait_final(W, q1)
+            assert states(e) == {"ada@" + d1: "delivered"}
+            api(W.inst, "DELETE", "/api/v1/queue/" + q2)
+    finally:
+        waiting.stop()
+        sent.stop()
+
+
 def test_one_transaction_per_message_and_connection_reuse(W):
     """Recipients of one message and destination share one transaction;
     the next message to the destination reuses the connection."""
