@@ -137,12 +137,14 @@ sg_tls_decide(const sg_tls_facts_t *f, sg_tls_decision_t *d)
     /*
      * 7.  RFC 8689, 5: the DSN of a flagged message is sent with
      * REQUIRETLS when the next hop supports it, which only a post-TLS
-     * EHLO tells: STARTTLS is tried for it, unverified, never required
+     * EHLO tells: STARTTLS is tried for it, unverified, never required;
+     * a failed handshake retries it in clear
      */
 
     if (f->requiretls_dsn && f->requiretls_enabled) {
         d->rule = 7;
         d->level = SG_TLS_MAY;
+        d->retry_clear = 1;         /* not discarded when TLS fails */
         d->reason = "the bounce of a REQUIRETLS message: STARTTLS when"
                     " offered, to send it with REQUIRETLS (RFC 8689, 5)";
         return;

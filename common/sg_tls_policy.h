@@ -63,6 +63,8 @@ typedef struct {
     unsigned        bounce:1;              /* failure bounces (5.7.x) */
     unsigned        fallback:1;            /* a failed handshake may retry
                                               in clear and list the host */
+    unsigned        retry_clear:1;         /* a failed handshake retries
+                                              in clear, the host unlisted */
     unsigned        report_sts:1;          /* testing: record failures */
 } sg_tls_decision_t;
 

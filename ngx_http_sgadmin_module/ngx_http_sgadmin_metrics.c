@@ -95,7 +95,8 @@ static const char  ngx_http_sgadmin_metrics_sql[] =
     "), src AS ("
     "  SELECT DISTINCT m.id, split_part(s.source, ':', 1) AS kind"
     "  FROM messages m, unnest(m.requiretls_sources) AS s(source)"
-    "  WHERE m.requiretls"
+    /* a bounce of a flagged message is stored unflagged, source "dsn" */
+    "  WHERE m.requiretls OR 'dsn' = ANY(m.requiretls_sources)"
     ")"
     " SELECT 0, v.k, NULL::text,"
     "   (SELECT coalesce(sum(n), 0) FROM rcp WHERE rcp.state = v.k)::bigint"

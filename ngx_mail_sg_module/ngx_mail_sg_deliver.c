@@ -162,6 +162,8 @@ struct sg_dlv_sess_s {
     ngx_uint_t           answered;           /* of them, got an SMTP reply */
     ngx_uint_t           policy_fail;        /* refused by a bounce rule */
     unsigned             clear_retry:1;
+    unsigned             limited:1;          /* an MX walk limit stopped
+                                                it: hosts were left */
     unsigned             no_requiretls:1;
     unsigned             sts_mismatch:1;     /* H is not in the policy */
     unsigned             kept:1;             /* client used before: the
@@ -994,6 +996,11 @@ sg_dlv_release_at_exit(ngx_cycle_t *cycle)
                                    NULL };
     const char         *values[4];
 
+    if (sg_dlv.all_jobs.next == NULL) {
+        /* delivery never started in this worker */
+        return;
+    }
+
     n = 0;
 
     for (q = ngx_queue_head(&sg_dlv.all_jobs);
@@ -1686,8 +1693,14 @@ sg_dlv_dest_for(ngx_str_t *domain, ngx_uint_t local, ngx_str_t *address)
     }
 
     if (relay) {
-        p = ngx_snprintf(buf, sizeof(buf), "%s%V:%d",
-                         local ? "local:" : "route:", &host, (int) port);
+        /*
+         * "trusted for REQUIRETLS" is the domain's setting: domains that
+         * share an internal server but not the setting are two
+         * destinations, and a changed setting makes a new one
+         */
+        p = ngx_snprintf(buf, sizeof(buf), "%s%V:%d%s",
+                         local ? "local:" : "route:", &host, (int) port,
+                         trusted ? ":trusted" : "");
 
     } else {
         p = ngx_snprintf(buf, sizeof(buf), "%V", &dom);
@@ -2130,6 +2143,7 @@ sg_dlv_sess_job(sg_dlv_sess_t *sess, sg_dlv_job_t *job)
     sess->policy_fail = 0;
     sess->no_requiretls = 0;
     sess->clear_retry = 0;
+    sess->limited = 0;
     sess->reason[0] = '\0';
     sess->reasons_len = 0;
 
@@ -2414,6 +2428,7 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
                      : sg_dlv.conf->mx_session_limit,
                      &h->name);
         sg_dlv_sess_note(sess);
+        sess->limited = 1;
         sg_dlv_sess_exhausted(sess);
         return;
     }
@@ -2487,6 +2502,29 @@ sg_dlv_sess_opened(void *data, sg_client_t *c, sg_client_info_t *info)
     ngx_snprintf(sess->reason, sizeof(sess->reason) - 1, "%V[%*s]: %s%Z",
                  &sess->host_name, sess->ip_len, sess->ip, why);
     sg_dlv_sess_note(sess);
+
+    if (info->step == SG_CLIENT_HANDSHAKE && sess->decision.retry_clear
+        && !sess->decision.fallback && !sess->clear_retry)
+    {
+        /*
+         * RFC 8689, 5: the bounce of a flagged message is not discarded:
+         * STARTTLS was tried only to send it with REQUIRETLS; again at
+         * once, in clear (the host is not listed: the hourly fallback
+         * setting is off)
+         */
+        ngx_snprintf(reason, sizeof(reason) - 1,
+                     "TLS handshake failed (%s): retrying at once without"
+                     " STARTTLS%Z", why);
+        sg_dlv_attempt(sess, info, "retry_clear", (char *) reason);
+
+        sess->clear_retry = 1;
+        sess->decision.level = SG_TLS_NONE;
+        sess->decision.reason = "the bounce of a REQUIRETLS message: the"
+                                " TLS handshake failed, sent in clear"
+                                " (RFC 8689, 5)";
+        sg_dlv_sess_open(sess);
+        return;
+    }
 
     if (info->step == SG_CLIENT_HANDSHAKE && sess->decision.fallback
         && !sess->clear_retry)
@@ -2562,6 +2600,25 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
                       ngx_current_msec - since);
         sg_dlv_rcpt_outcome(job, NULL, 451, "4.3.0",
                             "not sent: the claim could not be renewed",
+                            NULL, 0);
+        sg_dlv_job_finish(job);
+        sess->job = NULL;
+        sg_dlv_sess_done(sess);
+        return;
+    }
+
+    if (sess->decision.need_requiretls && !info->requiretls) {
+        /*
+         * RFC 8689, 4.1: never without the keyword (a kept connection
+         * opened for another job must not carry this one)
+         */
+        ngx_log_error(NGX_LOG_ALERT, sg_dlv.log, 0,
+                      "sg delivery: %s: the connection to %V does not offer"
+                      " REQUIRETLS: not sent", job->id, &sess->host_name);
+        sg_client_close(sess->client);
+        sess->client = NULL;
+        sg_dlv_rcpt_outcome(job, NULL, 451, "4.7.0",
+                            "the connection does not offer REQUIRETLS",
                             NULL, 0);
         sg_dlv_job_finish(job);
         sess->job = NULL;
@@ -2830,8 +2887,12 @@ sg_dlv_sess_exhausted(sg_dlv_sess_t *sess)
 
     job = sess->job;
 
-    /* RFC 8689, 4.1: no MX qualifies for a REQUIRETLS message */
-    bounce = sess->decision.bounce && sess->tried && sess->policy_fail == sess->tried;
+    /*
+     * RFC 8689, 4.1: no MX qualifies for a REQUIRETLS message (all were
+     * tried: a walk limit leaves hosts that might, and defers)
+     */
+    bounce = sess->decision.bounce && sess->tried && !sess->limited
+             && sess->policy_fail == sess->tried;
 
     /* RFC 8689, 5: the diagnostic names each MX and what it failed */
 

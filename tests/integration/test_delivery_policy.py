@@ -112,9 +112,10 @@ def bounce_of(W, qid):
 def test_sts_enforce_matching_mx_delivered_over_verified_tls(W, hosts):
     """RFC 8461, 4.1 and 5: enforce, the MX matches the policy: delivered
     over STARTTLS with a verified certificate, even with "STARTTLS
-    whenever possible" off; the attempt names the policy."""
+    whenever possible" off; the attempt names the policy. The message is
+    not flagged: no REQUIRETLS although the MX offers it."""
     dom = unique("stsok")
-    sink = tls_sink(W, "mx." + dom)
+    sink = tls_sink(W, "mx." + dom, ehlo_tls=RT_EHLO)
     try:
         W.sink_mx(sink, dom)
         pid = publish(W, hosts, dom)
@@ -123,6 +124,9 @@ def test_sts_enforce_matching_mx_delivered_over_verified_tls(W, hosts):
         assert states(e) == {"ann@" + dom: "delivered"}
         assert sink.wait_messages(1)
         assert sink.messages[0].tls
+        # RFC 8689, 4: only a flagged message carries the keyword, even
+        # to an MX that offers it
+        assert "REQUIRETLS" not in sink.messages[0].mail_line.upper()
         a = e["attempts"][-1]
         assert (a["tls_level"], a["tls_rule"]) == ("verify", 3)
         assert a["tls_verify"] == "ok" and a["tls_host_match"] is True
@@ -452,16 +456,23 @@ def test_requiretls_to_postfix_bounces_5_7_30_headers_only(W, hosts):
         assert "REQUIRETLS" not in txn.mail_line.upper()
 
 
-@pytest.mark.parametrize("outbound", [True, False])
+@pytest.mark.parametrize("outbound,back_tls", [
+    (True, "ok"), (False, "ok"), (False, "handshake-fails")])
 def test_bounce_of_a_flagged_message_carries_requiretls_when_offered(
-        W, hosts, outbound):
+        W, hosts, outbound, back_tls):
     """RFC 8689, 5: the non-delivery report of a flagged message is sent
     with MAIL FROM:<> REQUIRETLS when the sender's MX offers it; STARTTLS
     is tried for it even with "STARTTLS whenever possible" off, since
-    only the post-TLS EHLO tells whether the next hop supports it."""
-    settings(W.inst, starttls_outbound=outbound)
+    only the post-TLS EHLO tells whether the next hop supports it; and it
+    is "not discarded": when that TLS handshake fails (TLS 1.1 only, an
+    alert), it goes again at once in clear, without the keyword."""
+    settings(W.inst, starttls_outbound=outbound, tls_failure_fallback=False)
     snd = unique("rtsnd")
-    back = tls_sink(W, "mx." + snd, ehlo_tls=RT_EHLO)
+    if back_tls == "ok":
+        back = tls_sink(W, "mx." + snd, ehlo_tls=RT_EHLO)
+    else:
+        back = SmtpSink(tls=W.ca.issue(["mx." + snd]), ehlo_tls=RT_EHLO,
+                        tls_min_version="TLSv1", tls_max_version="TLSv1.1")
     try:
         W.sink_mx(back, snd)
         dom = unique("rtnop")               # no policy: 5.7.10
@@ -474,8 +485,14 @@ def test_bounce_of_a_flagged_message_carries_requiretls_when_offered(
             back.wait_messages(1, timeout=30)
             (txn,) = back.messages
             assert txn.mail_from == ""
-            assert txn.tls
-            assert txn.mail_line.upper().endswith(" REQUIRETLS")
+            if back_tls == "ok":
+                assert txn.tls
+                assert txn.mail_line.upper().endswith(" REQUIRETLS")
+            else:
+                assert not txn.tls
+                assert "REQUIRETLS" not in txn.mail_line.upper()
+                assert "STARTTLS" in [c.verb for ss in back.sessions
+                                      for c in ss.commands]
             _, rcpts, parts = dsn_parts(txn)
             assert rcpts[0]["Status"] == "5.7.10"
             assert parts[2].get_content_type() == "text/rfc822-headers"
@@ -483,7 +500,7 @@ def test_bounce_of_a_flagged_message_carries_requiretls_when_offered(
         finally:
             sink.stop()
     finally:
-        settings(W.inst, starttls_outbound=False)
+        settings(W.inst, starttls_outbound=False, tls_failure_fallback=True)
         back.stop()
 
 
@@ -772,6 +789,33 @@ def test_requiretls_every_mx_failing(W, hosts, fails, status):
             sink.stop()
 
 
+def test_requiretls_walk_limit_defers_instead_of_bouncing(W, hosts):
+    """RFC 8689, 4.1 bounces only when no MX qualifies: when
+    sg_delivery_mx_session_limit stops the walk after a first MX that
+    failed a requirement, a later MX was never tried, so the flagged
+    message is deferred (docs/directives.md), not bounced."""
+    dom = unique("rtlim")
+    first = tls_sink(W, "mx1." + dom)               # no REQUIRETLS
+    second = tls_sink(W, "mx2." + dom, ehlo_tls=RT_EHLO)
+    conf = W.conf + "sg_delivery_mx_session_limit 1;\n"
+    try:
+        with W.instance(extra_main=conf):
+            W.mx(dom, ("mx1." + dom, first.host, 10),
+                 ("mx2." + dom, second.host, 20))
+            publish(W, hosts, dom, mx=("mx1." + dom, "mx2." + dom))
+            qid = flagged_send(W, "yul@" + dom)
+            e = first_deferral(W, qid)
+            r = e["recipients"][0]
+            assert r["state"] == "deferred", e
+            assert "sg_delivery_mx_session_limit" in r["last_reply"], r
+            assert not dsns_for_now(W, qid)
+            assert not second.sessions
+            api(W.inst, "DELETE", "/api/v1/queue/" + qid)
+    finally:
+        first.stop()
+        second.stop()
+
+
 @pytest.mark.parametrize("source", ["parameter", "rule", "address"])
 def test_requiretls_each_flag_source(W, hosts, source):
     """Issue 6: a message flagged by the MAIL parameter (RFC 8689, 4), by a
@@ -954,16 +998,28 @@ def test_requiretls_through_a_route_relay_host(W, hosts, cert):
         sink.stop()
 
 
-@pytest.mark.parametrize("trusted", [False, True])
-def test_requiretls_to_a_local_domains_internal_server(W, hosts, trusted):
+@pytest.mark.parametrize("trusted,server", [
+    (False, "no-keyword"), (True, "no-keyword"), (True, "keyword"),
+    (True, "wrong-name"), (True, "no-starttls")])
+def test_requiretls_to_a_local_domains_internal_server(W, hosts, trusted,
+                                                       server):
     """Issue 6, item 5: a flagged message for a local domain's internal
     server follows the same rules (verified TLS to the configured host);
     "internal server is trusted for REQUIRETLS" relaxes only the
-    REQUIRETLS keyword: without it the server lacking the keyword means
-    5.7.30; with it the message is delivered (without the keyword)."""
+    REQUIRETLS keyword: without the setting a server lacking the keyword
+    means 5.7.30; with it the message is delivered without the keyword,
+    or with it when the server offers it, and a certificate for another
+    name or no STARTTLS still bounce with 5.7.10."""
     dom = unique("rtloc")
     name = "internal." + dom
-    sink = tls_sink(W, name, port=2529)
+    if server == "wrong-name":
+        sink = SmtpSink(tls=W.ca.mismatched("other.invalid"), port=2529)
+    elif server == "no-starttls":
+        sink = SmtpSink(port=2529)
+    else:
+        sink = tls_sink(W, name, port=2529,
+                        ehlo_tls=RT_EHLO if server == "keyword" else None)
+    r = None
     try:
         W.host(name, sink.host)
         r = api(W.inst, "POST", "/api/v1/domains",
@@ -973,17 +1029,105 @@ def test_requiretls_to_a_local_domains_internal_server(W, hosts, trusted):
         time.sleep(0.5)
         qid = send(W, "quin+requiretls@" + dom)
         e = wait_final(W, qid)
-        if trusted:
+        req = e["attempts"][-1]["requirements"]
+        assert req["mx_validated"].startswith("ok")
+        if server in ("wrong-name", "no-starttls"):
+            assert e["recipients"][0]["dsn_status"] == "5.7.10", e
+            failed = "certificate" if server == "wrong-name" else "starttls"
+            assert req[failed] == "failed", req
+            nothing_in_clear(sink)
+        elif trusted:
             assert states(e) == {"quin@" + dom: "delivered"}
             (txn,) = sink.messages
-            assert txn.tls and "REQUIRETLS" not in txn.mail_line.upper()
-            req = e["attempts"][-1]["requirements"]
-            assert req["mx_validated"].startswith("ok")
-            assert req["requiretls_offered"].startswith("not offered")
+            assert txn.tls
+            if server == "keyword":
+                assert txn.mail_line.upper().endswith(" REQUIRETLS")
+                assert req["requiretls_offered"] == "ok"
+            else:
+                assert "REQUIRETLS" not in txn.mail_line.upper()
+                assert req["requiretls_offered"].startswith("not offered")
         else:
             assert e["recipients"][0]["dsn_status"] == "5.7.30"
             nothing_in_clear(sink)
-        api(W.inst, "DELETE", "/api/v1/domains/%s" % r.json()["id"])
+    finally:
+        if r is not None and r.status_code == 201:
+            api(W.inst, "DELETE", "/api/v1/domains/%s" % r.json()["id"])
+        sink.stop()
+
+
+def test_local_domains_sharing_a_server_keep_their_own_trust(W, hosts):
+    """Issue 6, item 5: "trusted for REQUIRETLS" is a per-domain setting:
+    two local domains on one internal server (without the keyword), one
+    trusted and one not: the trusted one's flagged message is delivered,
+    the other's bounces with 5.7.30, whichever comes first."""
+    a, b = unique("rtsha"), unique("rtshb")
+    name = "internal." + unique("shared")
+    sink = tls_sink(W, name, port=2529)
+    ids = []
+    try:
+        W.host(name, sink.host)
+        for dom, trusted in ((a, False), (b, True)):
+            r = api(W.inst, "POST", "/api/v1/domains",
+                    json={"name": dom, "internal_server": "%s:2529" % name,
+                          "requiretls_trusted": trusted})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        time.sleep(0.5)
+        qa = send(W, "una+requiretls@" + a)
+        qb = send(W, "ben+requiretls@" + b)
+        ea, eb = wait_final(W, qa), wait_final(W, qb)
+        assert ea["recipients"][0]["dsn_status"] == "5.7.30", ea
+        assert states(eb) == {"ben@" + b: "delivered"}, eb
+        assert [t.rcpts[0].address for t in sink.messages] == ["ben@" + b]
+    finally:
+        for i in ids:
+            api(W.inst, "DELETE", "/api/v1/domains/%s" % i)
+        sink.stop()
+
+
+def test_flagged_job_never_rides_a_connection_kept_without_requiretls(
+        W, hosts):
+    """RFC 8689, 4.1: a connection kept from an unflagged message to an
+    MX without REQUIRETLS (enforce policy, verified TLS) is not used for a
+    flagged message to the same domain: that one bounces 5.7.30 and the
+    MX receives only the first."""
+    dom = unique("rtkept")
+    sink = tls_sink(W, "mx." + dom)
+    conf = W.conf.replace("sg_delivery_idle_timeout 1s;",
+                          "sg_delivery_idle_timeout 60s;")
+    try:
+        with W.instance(extra_main=conf):
+            W.sink_mx(sink, dom)
+            publish(W, hosts, dom)
+            q1 = send(W, "vic@" + dom)
+            assert states(wait_final(W, q1)) == {"vic@" + dom: "delivered"}
+            q2 = flagged_send(W, "wil@" + dom)
+            e = bounce_of(W, q2)
+            assert e["recipients"][0]["dsn_status"] == "5.7.30", e
+            assert [t.rcpts[0].address for t in sink.messages] \
+                == ["vic@" + dom]
+            assert len(sink.sessions) == 2, sink.sessions
+    finally:
+        sink.stop()
+
+
+def test_requiretls_policy_fetch_failure_defers(W, hosts):
+    """docs/design.md (our decision): an MTA-STS policy that cannot be
+    fetched (HTTP 500) is a transient failure for a flagged message: it
+    waits for the policy (RFC 8689, 4.1 needs an enforce policy to trust
+    the MX) and is not bounced; nothing is sent."""
+    dom = unique("rtfetch")
+    sink = tls_sink(W, "mx." + dom, ehlo_tls=RT_EHLO)
+    try:
+        W.sink_mx(sink, dom)
+        publish(W, hosts, dom, status=500)
+        qid = flagged_send(W, "xan@" + dom)
+        e = first_deferral(W, qid)
+        a = e["attempts"][0]
+        assert a["policy"]["result_type"] == "sts-policy-fetch-error"
+        assert e["recipients"][0]["state"] == "deferred"
+        assert not sink.sessions
+        api(W.inst, "DELETE", "/api/v1/queue/" + qid)
     finally:
         sink.stop()
 

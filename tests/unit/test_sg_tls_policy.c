@@ -203,6 +203,16 @@ main(void)
     CHECK(!d.need_requiretls && d.send_requiretls,
           "trusted internal server: keyword not required");
 
+    /* RFC 8689 5: the bounce of a flagged message is never discarded */
+    facts(DSN | RT_ON, SG_STS_NONE, &f);
+    sg_tls_decide(&f, &d);
+    CHECK(d.retry_clear && !d.fallback,
+          "DSN of a flagged message: a failed handshake retries in clear");
+
+    facts(OUT | FB, SG_STS_NONE, &f);
+    sg_tls_decide(&f, &d);
+    CHECK(!d.retry_clear, "ordinary mail: only the fallback setting");
+
     /* RFC 8461 5: testing is reported */
     facts(STS_ON | OUT, SG_STS_TESTING, &f);
     sg_tls_decide(&f, &d);
