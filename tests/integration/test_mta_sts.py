@@ -20,15 +20,20 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import ssl
+import subprocess
 import threading
 import time
 
 import pytest
 
+import sginstance
 import sgtest
 from dnsserver import DnsServer
-from peers import peer_ca, wait_for, loopback_host  # noqa: F401 (fixture)
-from sts_servers import PolicyHosts, SlowServer, policy
+from peers import (TestCA, peer_ca, wait_for,  # noqa: F401 (fixture)
+                   loopback_host)
+from sts_servers import WELL_KNOWN, PolicyHosts, SlowServer, policy
 
 # every test's domains are its own: no test sees another's cache
 FETCH_TIMEOUT_S = 2
@@ -460,28 +465,107 @@ def test_certificate_not_valid(env, cert, words):
     assert look["result_type"] == "sts-webpki-invalid"
 
 
-def test_system_store_and_trusted_ca_both_used(env):
-    """RFC 8461, 3.3: WebPKI validation against the system's roots plus
-    sg_trusted_ca: the test CA is trusted (above); the system store is
-    still there, so a certificate from a public CA would verify — checked
-    by the error naming a missing local issuer for an unknown root, not a
-    missing or unreadable CA file."""
-    env.publish("store.sts.test", cert="untrusted")
-    h = steps(env.refresh("store.sts.test"))["https"]
-    assert "local issuer" in h["detail"]
-    assert "CAfile" not in h["detail"] and "CA file" not in h["detail"]
-    log = open(env.sg.error_log, errors="replace").read()
-    assert "sg_trusted_ca" not in log
+# libcurl's default CA bundle (CURLOPT_CAINFO; `curl-config --ca` on
+# Debian): "the system store" of sg_http.c; sg_trusted_ca comes on top
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def with_system_bundle(bundle):
+    """A wrap for start_sg(): nginx runs in a private mount namespace
+    whose SYSTEM_BUNDLE is the file bundle (no other process sees it)."""
+    script = ('mount --bind "$1" %s && shift && exec "$@"' % SYSTEM_BUNDLE)
+    return ["unshare", "-m", "sh", "-c", script, "sh", bundle]
+
+
+def https_verdicts(inst, domains):
+    """{domain: (https ok, error, detail)} of ?refresh=1 through inst."""
+    out = {}
+    for d in domains:
+        r = sgtest.api(inst, "GET", POLICY_PATH + d + "?refresh=1",
+                       timeout=30)
+        assert r.status_code == 200, (d, r.text)
+        h = steps(r.json())["https"]
+        out[d] = (h["ok"], h.get("error"), h.get("detail"))
+    return out
+
+
+def test_webpki_system_store_plus_sg_trusted_ca(env, pg, redis_srv):
+    """RFC 8461, 3.3 (RFC-NOTES: WebPKI validation, trusted CA file
+    configurable): the policy host's certificate is checked against the
+    system store *and* sg_trusted_ca, each on its own.  Three policy
+    hosts: one from a CA that is only in the system store sg sees (a
+    bind-mounted SYSTEM_BUNDLE: the real bundle plus that CA, in sg's own
+    mount namespace), one from the CA that is only in sg_trusted_ca, one
+    from a CA in neither.  Three sg: the module's (real system store,
+    sg_trusted_ca), one with the extended store and sg_trusted_ca, one
+    with the extended store and no sg_trusted_ca.  A host verifies exactly
+    when its CA is in one of the two sources of that sg."""
+    # (in the policy hosts' folder: their nginx.conf keeps naming it)
+    sys_ca = TestCA(os.path.join(env.hosts.dir, "sys-ca"),
+                    name="sg System Store Only CA")
+    tmp = sgtest.make_tmp("sgsysca-")
+    others = []
+    try:
+        with open(SYSTEM_BUNDLE, "rb") as f:
+            real = f.read()
+        for ca in (sys_ca, env.ca, env.ca.untrusted):
+            assert ca.cert_pem not in real
+        bundle = os.path.join(tmp, "ca-certificates.crt")
+        with open(bundle, "wb") as f:
+            f.write(real + b"\n" + sys_ca.cert_pem)
+        os.chmod(bundle, 0o644)
+
+        d_sys, d_extra, d_none = ("sysca.webpki.sts.test",
+                                  "extraca.webpki.sts.test",
+                                  "noca.webpki.sts.test")
+        env.publish(d_sys, cert=sys_ca.issue(["mta-sts." + d_sys]),
+                    apply=False)
+        env.publish(d_extra, cert="good", apply=False)      # env.ca
+        env.publish(d_none, cert="untrusted")
+        domains = (d_sys, d_extra, d_none)
+
+        def start(ca_file):
+            inst = sgtest.start_sg(pg, redis_srv, resolver=env.dns.address,
+                                   ca_file=ca_file, extra_main=EXTRA_MAIN,
+                                   wrap=with_system_bundle(bundle))
+            others.append(inst)
+            return inst
+
+        both = https_verdicts(start(env.ca.cert_file), domains)
+        system_only = https_verdicts(start(None), domains)
+        plain = https_verdicts(env.sg, domains)
+
+        ok = {"both": {d: v[0] for d, v in both.items()},
+              "system_only": {d: v[0] for d, v in system_only.items()},
+              "plain": {d: v[0] for d, v in plain.items()}}
+        # extended system store + sg_trusted_ca: both sources are used
+        assert ok["both"] == {d_sys: True, d_extra: True, d_none: False}, (
+            both)
+        # extended system store alone: the system store is used
+        assert ok["system_only"] == {d_sys: True, d_extra: False,
+                                     d_none: False}, system_only
+        # the real system store + sg_trusted_ca: sg_trusted_ca is used, and
+        # the first two sg trusted sys_ca only through the mounted bundle
+        assert ok["plain"] == {d_sys: False, d_extra: True,
+                               d_none: False}, plain
+        for verdicts in (both, system_only, plain):
+            for d, (good, error, detail) in verdicts.items():
+                if not good:
+                    assert error == "tls-verify", (d, verdicts)
+                    assert "local issuer" in detail, (d, verdicts)
+    finally:
+        for inst in others:
+            sgtest.finish_sg(inst)
+        sgtest.remove_tmp(tmp)
 
 
 def test_policy_host_with_only_tls_1_1_is_refused(env):
     """RFC 8461, 3.3 (RFC-NOTES: TLS >= 1.2): a policy host that speaks
     only TLS 1.1 gets no policy fetched from it: the handshake fails,
     no request is sent, and the lookup says sts-policy-fetch-error or
-    sts-webpki-invalid, never a policy."""
-    import socket
-    import ssl
-
+    sts-webpki-invalid, never a policy.  (Debian's OpenSSL refuses TLS 1.1
+    on its own: test_client_hello_offers_only_tls_1_2_and_up checks sg's
+    own minimum.)"""
     domain = "tls11.sts.test"
     cert, key = env.ca.issue(["mta-sts." + domain])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
