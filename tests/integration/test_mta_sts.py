@@ -617,19 +617,233 @@ def test_policy_host_with_only_tls_1_1_is_refused(env):
         t.join(5)
 
 
+# an OpenSSL configuration that allows TLS 1.0 and every cipher: with it,
+# only sg's own minimum keeps TLS 1.0 and 1.1 out of its ClientHello
+# (Debian's /etc/ssl/openssl.cnf has MinProtocol = TLSv1.2 already)
+PERMISSIVE_OPENSSL_CNF = """\
+openssl_conf = sg_test_conf
+[sg_test_conf]
+ssl_conf = sg_test_ssl
+[sg_test_ssl]
+system_default = sg_test_system
+[sg_test_system]
+MinProtocol = TLSv1
+CipherString = DEFAULT:@SECLEVEL=0
+"""
+
+
+def parse_client_hello(data):
+    """A TLS record holding a ClientHello (RFC 8446, 4.1.2) as a dict:
+    record_version, legacy_version, supported_versions (list of ints, or
+    None without the extension), server_name (str or None)."""
+    assert data[0] == 0x16, "not a handshake record: %r" % data[:8]
+    rec_len = int.from_bytes(data[3:5], "big")
+    hs = data[5:5 + rec_len]
+    assert hs[0] == 1, "not a ClientHello"
+    body = hs[4:4 + int.from_bytes(hs[1:4], "big")]
+    out = {"record_version": int.from_bytes(data[1:3], "big"),
+           "legacy_version": int.from_bytes(body[0:2], "big"),
+           "supported_versions": None, "server_name": None}
+    p = 2 + 32                                  # version, random
+    p += 1 + body[p]                            # legacy_session_id
+    p += 2 + int.from_bytes(body[p:p + 2], "big")   # cipher_suites
+    p += 1 + body[p]                            # compression methods
+    end = p + 2 + int.from_bytes(body[p:p + 2], "big")
+    p += 2
+    while p < end:
+        etype = int.from_bytes(body[p:p + 2], "big")
+        elen = int.from_bytes(body[p + 2:p + 4], "big")
+        ext = body[p + 4:p + 4 + elen]
+        p += 4 + elen
+        if etype == 43:                         # supported_versions
+            out["supported_versions"] = [
+                int.from_bytes(ext[1 + i:3 + i], "big")
+                for i in range(0, ext[0], 2)]
+        elif etype == 0:                        # server_name (RFC 6066)
+            name_len = int.from_bytes(ext[3:5], "big")
+            out["server_name"] = ext[5:5 + name_len].decode()
+    return out
+
+
+class HelloCatcher:
+    """A TCP listener on ip:443 that reads one ClientHello per connection
+    and closes it (no TLS is ever answered)."""
+
+    def __init__(self):
+        self.ip = loopback_host(443)
+        self.hellos = []
+        self._srv = socket.create_server((self.ip, 443))
+        self._srv.settimeout(0.5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while len(data) < 5 or len(data) < 5 + int.from_bytes(
+                            data[3:5], "big"):
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                except OSError:
+                    pass
+                self.hellos.append(data)
+
+    def close(self):
+        self._stop.set()
+        self._srv.close()
+        self._thread.join(5)
+
+
+def test_client_hello_offers_only_tls_1_2_and_up(env, pg, redis_srv):
+    """RFC 8461, 3.3 (RFC-NOTES: TLS >= 1.2): sg's own ClientHello to a
+    policy host, read off the wire, offers TLS 1.2 and 1.3 only (the
+    supported_versions extension, RFC 8446 4.2.1: nothing below 0x0303),
+    and names mta-sts.<domain> in SNI.  sg runs with an OpenSSL
+    configuration that would allow TLS 1.0 (PERMISSIVE_OPENSSL_CNF), so
+    the minimum seen is sg's (CURLOPT_SSLVERSION), not the system's:
+    without it this hello offers 0x0302 and 0x0301."""
+    tmp = sgtest.make_tmp("sgossl-")
+    cnf = os.path.join(tmp, "openssl.cnf")
+    with open(cnf, "w") as f:
+        f.write(PERMISSIVE_OPENSSL_CNF)
+    os.chmod(cnf, 0o644)
+    catcher = HelloCatcher()
+    inst = None
+    try:
+        domain = "hello.sts.test"
+        env.set_txt(domain, ["v=STSv1; id=he1"], reload=False)
+        env.records["hosts"]["mta-sts." + domain] = [catcher.ip]
+        env.dns.reload(env.records)
+        inst = sgtest.start_sg(pg, redis_srv, resolver=env.dns.address,
+                               ca_file=env.ca.cert_file,
+                               extra_main=EXTRA_MAIN,
+                               wrap=["env", "OPENSSL_CONF=" + cnf])
+        r = sgtest.api(inst, "GET", POLICY_PATH + domain + "?refresh=1",
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        assert not steps(r.json())["https"]["ok"]
+        assert catcher.hellos, "sg sent no ClientHello"
+        for data in catcher.hellos:
+            hello = parse_client_hello(data)
+            versions = hello["supported_versions"]
+            assert versions is not None, hello
+            assert min(versions) >= 0x0303, [hex(v) for v in versions]
+            assert versions, hello
+            assert hello["legacy_version"] == 0x0303, hello
+            assert hello["server_name"] == "mta-sts." + domain, hello
+    finally:
+        if inst is not None:
+            sgtest.finish_sg(inst)
+        catcher.close()
+        sgtest.remove_tmp(tmp)
+
+
 # ------------------------------------------------------------ HTTP, 3.3
 
 
-@pytest.mark.parametrize("status", [404, 500])
+@pytest.mark.parametrize("status", [404, 500, 203, 204])
 def test_http_status_not_200(env, status):
-    """RFC 8461, 3.3: only HTTP 200 is a policy: sts-policy-fetch-error."""
+    """RFC 8461, 3.3 ("HTTP 200 only" in RFC-NOTES): only HTTP 200 is a
+    policy: sts-policy-fetch-error.  203 comes with a valid text/plain
+    policy and 204 without a body: another 2xx is not 200 either."""
     domain = "status%d.sts.test" % status
-    env.publish(domain, status=status)
+    env.publish(domain, policy(), status=status)
     body = env.refresh(domain)
     h = steps(body)["https"]
     assert h["status"] == status and h["error"] == "http-status"
+    assert not h["ok"] and "parse" not in steps(body)
+    assert body["policy"] is None
     assert body["result_type"] == "sts-policy-fetch-error"
     assert env.lookup(domain)["result_type"] == "sts-policy-fetch-error"
+    if status == 203:
+        assert h["content_type"].startswith("text/plain")
+        assert h["size"] == len(policy())
+
+
+def https_get(env, domain, headers=()):
+    """GET the policy of domain from the policy host ourselves (with the
+    extra request headers given as (name, value)): (status, response
+    headers with lower-case names, body)."""
+    ctx = env.ca.client_context()
+    host = "mta-sts." + domain
+    extra = "".join("%s: %s\r\n" % h for h in headers)
+    with socket.create_connection((env.hosts.ip, 443), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\n%s"
+                         "Connection: close\r\n\r\n"
+                         % (WELL_KNOWN, host, extra)).encode())
+            data = b""
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, payload
+
+
+def test_policy_fetch_uses_no_http_cache(env):
+    """RFC 8461, 3.3: "HTTP caching [RFC7234] MUST NOT be used"
+    (RFC-NOTES: no HTTP caching).  The policy host sends ETag,
+    Last-Modified and Cache-Control: max-age=86400; the TXT id changes
+    while the policy text does not (a conditional GET would get 304).
+    Every fetch sg makes (the first, the one for the new id, a ?refresh=1)
+    is a full GET answered 200 with the whole body: no If-None-Match,
+    If-Modified-Since or other conditional header, no Cache-Control or
+    Pragma that would accept a stored copy."""
+    domain = "nocache.sts.test"
+    text = policy(mode="testing")
+    env.publish(domain, text, txt_id="nc1", cache_control="max-age=86400")
+    status, headers, payload = https_get(env, domain)
+    assert status == 200 and payload == text.encode()
+    assert headers.get("etag") and headers.get("last-modified"), headers
+    assert headers.get("cache-control") == "max-age=86400", headers
+    # a conditional GET would be answered 304, and the log shows it
+    status, _, payload = https_get(env, domain, [
+        ("If-None-Match", headers["etag"]),
+        ("If-Modified-Since", headers["last-modified"])])
+    assert status == 304 and payload == b""
+    ours = env.hosts.log(domain)
+    assert len(ours) == 2
+    assert ours[1]["if_none_match"] == headers["etag"], ours
+    assert ours[1]["status"] == 304, ours
+
+    first = env.lookup(domain)
+    assert first["source"] == "fetched" and first["mode"] == "testing"
+    env.set_txt(domain, ["v=STSv1; id=nc2"])
+    second = env.lookup(domain)
+    assert second["source"] == "fetched"
+    assert second["policy"]["policy_id"] == "nc2"
+    again = env.refresh(domain)
+    assert steps(again)["https"]["status"] == 200
+    assert steps(again)["https"]["size"] == len(text)
+
+    fetches = env.hosts.log(domain)[len(ours):]
+    assert len(fetches) == 3, fetches
+    for e in fetches:
+        assert e["status"] == 200 and e["bytes"] == len(text), e
+        for h in ("if_none_match", "if_modified_since", "if_match",
+                  "if_unmodified_since", "if_range"):
+            assert e[h] == "", (h, e)
+        assert e["cache_control"] in ("", "no-cache", "no-store"), e
+        assert e["pragma"] in ("", "no-cache"), e
 
 
 def test_redirect_not_followed(env):
