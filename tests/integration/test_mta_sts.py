@@ -907,6 +907,53 @@ def test_slow_server_times_out(env):
     assert body["result_type"] == "sts-policy-fetch-error"
 
 
+def nginx_t(pg, redis_srv, extra_main):
+    """nginx -t on an sg configuration with extra_main: (exit code,
+    stderr)."""
+    d = sgtest.make_tmp("sgconf-")
+    try:
+        cert, key = sginstance.make_self_signed("sg.local")
+        for name, pem in (("cert.pem", cert), ("key.pem", key)):
+            with open(os.path.join(d, name), "w") as f:
+                f.write(pem)
+        conf = os.path.join(d, "nginx.conf")
+        sginstance.write_nginx_conf(
+            conf, prefix_dir=d, module_so=sgtest.MODULE_SO,
+            pg_conninfo=pg.conninfo, redis_addr=redis_srv.address,
+            smtp_listen="127.0.0.1:%d" % sgtest.free_port(),
+            admin_listen="127.0.0.1:%d" % sgtest.free_port(),
+            http_listen="127.0.0.1:%d" % sgtest.free_port(),
+            cert_file=os.path.join(d, "cert.pem"),
+            key_file=os.path.join(d, "key.pem"),
+            resolver="127.0.0.1:9", extra_main=extra_main)
+        r = subprocess.run([sginstance.NGINX_BIN, "-t", "-p", d + "/",
+                            "-c", conf, "-e", os.path.join(d, "error.log")],
+                           capture_output=True, text=True, timeout=60)
+        return r.returncode, r.stderr
+    finally:
+        sgtest.remove_tmp(d)
+
+
+def test_fetch_timeout_capped_at_60s(pg, redis_srv, module_so):
+    """RFC 8461, 3.3 (RFC-NOTES: timeout <= 60 s): "sg_mta_sts_fetch_timeout
+    61s" (and 0) are refused at configuration time with a message naming
+    the directive; 60s, 60000ms and 1m are accepted."""
+    for bad in ("61s", "60001ms", "2m", "0"):
+        rc, err = nginx_t(pg, redis_srv,
+                          "sg_delivery off;\nsg_mta_sts_fetch_timeout %s;"
+                          % bad)
+        assert rc != 0, (bad, err)
+        assert "[emerg]" in err, (bad, err)
+        assert '"sg_mta_sts_fetch_timeout" must be from 1ms to 60s' in err, (
+            bad, err)
+    for good in ("60s", "60000ms", "1m", "1ms"):
+        rc, err = nginx_t(pg, redis_srv,
+                          "sg_delivery off;\nsg_mta_sts_fetch_timeout %s;"
+                          % good)
+        assert rc == 0, (good, err)
+        assert "sg_mta_sts_fetch_timeout" not in err, (good, err)
+
+
 def test_no_address_for_policy_host(env):
     """RFC 8461, 3.3: mta-sts.<domain> without an address: fetch error,
     and curl never resolves a name itself."""
