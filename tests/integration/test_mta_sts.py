@@ -1136,6 +1136,9 @@ def test_bench_counts_cached_decisions(env):
     assert body["sources"] == {"memory": 200, "redis": 0, "fetched": 0,
                                "none": 0}
     assert body["mx_matched"] == 200 and body["ns_per_lookup"] > 0
+    # (the MtaStsBench of docs/api/openapi.yaml)
+    assert set(body) == {"domain", "lookups", "from", "elapsed_ns",
+                         "ns_per_lookup", "mx_matched", "sources"}
     body = env.get("benchapi.sts.test",
                    "?bench=5&from=redis&mx=other.example.test")
     assert body["sources"]["redis"] == 5 and body["mx_matched"] == 0
@@ -1148,6 +1151,40 @@ def test_bench_counts_cached_decisions(env):
     r = sgtest.api(env.sg, "GET", POLICY_PATH + "benchapi.sts.test?bench=1",
                    token=ro)
     assert r.status_code == 403
+    assert r.json()["type"] == "urn:sg:problem:forbidden"
+
+
+def test_openapi_documents_every_mta_sts_route_and_parameter():
+    """docs/api/openapi.yaml describes what the code serves: every
+    MTA-STS route of the admin module (and GET /domains/{id}/dns) with
+    its method, every query parameter ngx_http_sgadmin_sts.c reads
+    (lookup, refresh, bench, from, mx), the 403 of ?bench for a read-only
+    token and the MtaStsBench answer."""
+    import re
+    import yaml
+    src = os.path.join(sgtest.PROJECT, "ngx_http_sgadmin_module")
+    with open(os.path.join(sgtest.PROJECT, "docs", "api",
+                           "openapi.yaml")) as f:
+        api = yaml.safe_load(f)
+    with open(os.path.join(src, "ngx_http_sgadmin_module.c")) as f:
+        routes = re.findall(r'NGX_HTTP_(GET|POST|PUT|PATCH|DELETE),\s*'
+                            r'ngx_string\("(/mta-sts/[^"]*|[^"]*/dns)"\)',
+                            f.read())
+    assert len(routes) >= 4, routes
+    for method, path in routes:
+        assert method.lower() in api["paths"].get(path, {}), (method, path)
+    with open(os.path.join(src, "ngx_http_sgadmin_sts.c")) as f:
+        read = set(re.findall(r'ngx_http_arg\(r, \(u_char \*\) "(\w+)"',
+                              f.read()))
+    get = api["paths"]["/mta-sts/policies/{domain}"]["get"]
+    documented = {p["name"] for p in get["parameters"] if p["in"] == "query"}
+    assert read == {"lookup", "refresh", "bench", "from", "mx"}, read
+    assert read <= documented, read - documented
+    assert "403" in get["responses"]
+    assert "bench" in get["responses"]["403"]["description"]
+    bench = api["components"]["schemas"]["MtaStsBench"]["properties"]
+    assert set(bench) == {"domain", "lookups", "from", "elapsed_ns",
+                          "ns_per_lookup", "mx_matched", "sources"}
 
 
 def test_delete_evicts_redis_and_memory(env):
