@@ -17,11 +17,17 @@
  * their own, so that a handler may start or cancel requests freely and is
  * never called from inside sg_http_get().
  *
- * Trust: libcurl's default CA bundle (Debian: the system store,
- * /etc/ssl/certs/ca-certificates.crt) plus the sg_trusted_ca file, given
- * as CURLOPT_CAINFO_BLOB: libcurl loads both into the store of each
- * connection (a blob does not replace CAINFO with the OpenSSL backend).
- * An SSL_CTX callback adds a verify callback that only watches: it records
+ * Trust: libcurl's default CA bundle and directory (Debian: the system
+ * store, /etc/ssl/certs/ca-certificates.crt and /etc/ssl/certs) plus the
+ * certificates of sg_trusted_ca, parsed once per worker and added to the
+ * X509 store of each connection by the SSL_CTX callback.  Not
+ * CURLOPT_CAINFO_BLOB: a blob replaces libcurl's CA bundle (only its CA
+ * directory would be left), and with it any system CA that is not in
+ * that directory.  curl's shared CA store cache is off
+ * (CURLOPT_CA_CACHE_TIMEOUT 0), so that each connection's store is its
+ * own, populated by curl and then by the callback.
+ *
+ * The same callback adds a verify callback that only watches: it records
  * the server's certificate and the first chain error for the answer, and
  * leaves OpenSSL's verdict as it is.
  */
@@ -31,6 +37,7 @@
 #include <ngx_event.h>
 #include <curl/curl.h>
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
@@ -77,7 +84,7 @@ static struct {
     ngx_event_t          timer;
     ngx_log_t           *log;
     ngx_queue_t          requests;
-    struct curl_blob     ca;            /* sg_trusted_ca, or len 0 */
+    STACK_OF(X509)      *ca;            /* sg_trusted_ca, or NULL */
     int                  ex_index;      /* SSL_CTX ex data: the request */
     ngx_uint_t           running;       /* curl's count */
     unsigned             global:1;      /* curl_global_init() done */
@@ -107,6 +114,8 @@ static ngx_int_t sg_http_copy(ngx_pool_t *pool, ngx_str_t *dst,
     const char *src);
 static ngx_int_t sg_http_resolve_line(sg_http_req_t *req, CURLU *u);
 static ngx_int_t sg_http_read_ca(ngx_cycle_t *cycle, ngx_str_t *file);
+static STACK_OF(X509) *sg_http_parse_ca(ngx_cycle_t *cycle, ngx_str_t *file,
+    u_char *buf, size_t len);
 
 
 static const char  *sg_http_error_names[] = {
@@ -225,8 +234,8 @@ sg_http_exit_worker(void)
         curl_multi_cleanup(sg_http.multi);
     }
 
-    if (sg_http.ca.data) {
-        ngx_free(sg_http.ca.data);
+    if (sg_http.ca) {
+        sk_X509_pop_free(sg_http.ca, X509_free);
     }
 
     if (sg_http.global) {
@@ -283,11 +292,79 @@ sg_http_read_ca(ngx_cycle_t *cycle, ngx_str_t *file)
         return NGX_ERROR;
     }
 
-    sg_http.ca.data = buf;
-    sg_http.ca.len = n;
-    sg_http.ca.flags = CURL_BLOB_NOCOPY;
+    sg_http.ca = sg_http_parse_ca(cycle, file, buf, (size_t) n);
 
-    return NGX_OK;
+    ngx_free(buf);
+
+    return sg_http.ca ? NGX_OK : NGX_ERROR;
+}
+
+
+/* every certificate of a PEM file; NULL when there is none */
+
+static STACK_OF(X509) *
+sg_http_parse_ca(ngx_cycle_t *cycle, ngx_str_t *file, u_char *buf,
+    size_t len)
+{
+    BIO             *bio;
+    X509            *x;
+    unsigned long    err;
+    STACK_OF(X509)  *certs;
+
+    bio = BIO_new_mem_buf(buf, (int) len);
+    certs = sk_X509_new_null();
+
+    if (bio == NULL || certs == NULL) {
+        BIO_free(bio);
+        sk_X509_free(certs);
+        return NULL;
+    }
+
+    ERR_clear_error();
+
+    for ( ;; ) {
+        x = PEM_read_bio_X509(bio, NULL, NULL, NULL);
+        if (x == NULL) {
+            break;
+        }
+
+        if (sk_X509_push(certs, x) == 0) {
+            X509_free(x);
+            goto failed;
+        }
+    }
+
+    /* the end of the file is "no start line"; anything else is an error */
+
+    err = ERR_peek_last_error();
+
+    if (err && !(ERR_GET_LIB(err) == ERR_LIB_PEM
+                 && ERR_GET_REASON(err) == PEM_R_NO_START_LINE))
+    {
+        ngx_ssl_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "sg: HTTP: \"%V\" holds an unreadable certificate",
+                      file);
+        goto failed;
+    }
+
+    ERR_clear_error();
+
+    if (sk_X509_num(certs) == 0) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "sg: HTTP: \"%V\" holds no PEM certificate", file);
+        goto failed;
+    }
+
+    BIO_free(bio);
+
+    return certs;
+
+failed:
+
+    BIO_free(bio);
+    sk_X509_pop_free(certs, X509_free);
+
+    return NULL;
 }
 
 
@@ -683,14 +760,21 @@ sg_http_get(const sg_http_get_t *get, sg_http_handler_pt handler,
         goto failed;
     }
 
-    if (sg_http.ca.len
-        && curl_easy_setopt(easy, CURLOPT_CAINFO_BLOB, &sg_http.ca)
-           != CURLE_OK)
-    {
+#if LIBCURL_VERSION_NUM >= 0x075700
+
+    /*
+     * 7.87.0: curl may hand every connection one cached, shared store
+     * instead of populating the connection's own; sg_http_ssl_ctx_cb()
+     * adds sg_trusted_ca to the connection's own store
+     */
+
+    if (curl_easy_setopt(easy, CURLOPT_CA_CACHE_TIMEOUT, 0L) != CURLE_OK) {
         ngx_log_error(NGX_LOG_ALERT, sg_http.log, 0,
-                      "sg: HTTP: CURLOPT_CAINFO_BLOB failed");
+                      "sg: HTTP: CURLOPT_CA_CACHE_TIMEOUT failed");
         goto failed;
     }
+
+#endif
 
     /* curl's timer callback asks for 0: the work starts from an event */
 
@@ -1060,10 +1144,34 @@ sg_http_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
 static CURLcode
 sg_http_ssl_ctx_cb(CURL *easy, void *sslctx, void *userptr)
 {
-    SSL_CTX  *ctx = sslctx;
+    int          i;
+    SSL_CTX     *ctx = sslctx;
+    X509_STORE  *store;
 
     if (SSL_CTX_set_ex_data(ctx, sg_http.ex_index, userptr) != 1) {
         return CURLE_OUT_OF_MEMORY;
+    }
+
+    /*
+     * RFC 8461, 3.3: WebPKI against the system's store (curl's CA bundle
+     * and directory, loaded into this store by curl) plus sg_trusted_ca
+     */
+
+    if (sg_http.ca) {
+        store = SSL_CTX_get_cert_store(ctx);
+        if (store == NULL) {
+            return CURLE_SSL_CACERT_BADFILE;
+        }
+
+        for (i = 0; i < sk_X509_num(sg_http.ca); i++) {
+            /* OpenSSL 3 takes a duplicate as success */
+            if (X509_STORE_add_cert(store, sk_X509_value(sg_http.ca, i))
+                != 1)
+            {
+                ERR_clear_error();
+                return CURLE_SSL_CACERT_BADFILE;
+            }
+        }
     }
 
     /* curl asked for SSL_VERIFY_PEER already: keep it, add the watcher */

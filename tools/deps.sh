@@ -19,7 +19,7 @@ PACKAGES=(
     postgresql-15 redis-server openssl ca-certificates
     # tests and tools (Debian's /usr/bin/python3)
     python3 python3-pytest python3-psycopg2 python3-redis python3-requests
-    python3-cryptography
+    python3-cryptography python3-yaml
     swaks dnsmasq-base
     # the MTA-STS peer (tests/integration/test_mta_sts_peer.py) and the
     # benchmark bench/sts_bench.py: mta-sts-query and mta-sts-daemon

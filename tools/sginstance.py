@@ -698,11 +698,15 @@ class Nginx:
     nginx stays in the foreground as our child; daemon=True (make run):
     nginx daemonizes itself."""
 
-    def __init__(self, prefix_dir, conf_path, wait_port=None, daemon=False):
+    def __init__(self, prefix_dir, conf_path, wait_port=None, daemon=False,
+                 wrap=()):
         self.prefix = os.path.abspath(prefix_dir)
         self.conf = os.path.abspath(conf_path)
         self.wait_port = wait_port
         self.daemon = daemon
+        # wrap: a command that ends by exec'ing its arguments (unshare -m
+        # with bind mounts, env VAR=...): nginx runs under it, same pid
+        self.wrap = list(wrap)
         self.pidfile = os.path.join(self.prefix, "nginx.pid")
         self.error_log = os.path.join(self.prefix, "error.log")
         self.proc = None
@@ -712,7 +716,7 @@ class Nginx:
                "-e", self.error_log]
         if not self.daemon:
             cmd += ["-g", "daemon off;"]
-        return cmd
+        return self.wrap + cmd
 
     @property
     def pid(self):

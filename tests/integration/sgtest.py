@@ -90,7 +90,7 @@ class SgInstance:
     """
 
     def __init__(self, pg, redis, workers=1, hostname="sg.local",
-                 key_type="rsa", delivery=False, **conf_kw):
+                 key_type="rsa", delivery=False, wrap=(), **conf_kw):
         self.pg, self.redis = pg, redis
         self.dir = make_tmp("sgnginx-")
         self.allow_problems = []
@@ -137,7 +137,8 @@ class SgInstance:
             http_listen="127.0.0.1:%d" % self.http_port,
             cert_file=self.cert_file, key_file=self.key_file,
             workers=workers, hostname=hostname, **conf_kw)
-        self.nginx = Nginx(self.dir, self.conf, wait_port=self.admin_port)
+        self.nginx = Nginx(self.dir, self.conf, wait_port=self.admin_port,
+                           wrap=wrap)
         self.error_log = self.nginx.error_log
 
     def start(self, timeout=30):
@@ -176,7 +177,9 @@ def start_sg(pg, redis, workers=1, **conf_kw):
     admin token created, nginx on free loopback ports, daemon off).
     conf_kw go to sginstance.write_nginx_conf (resolver, ca_file,
     hostname, extra_main, extra_http, extra_mail_server, error_log_level)
-    or SgInstance (key_type, delivery: False writes "sg_delivery off;").
+    or SgInstance (key_type, delivery: False writes "sg_delivery off;",
+    wrap: a command nginx is run under that execs its arguments, e.g. an
+    `unshare -m` with bind mounts or `env VAR=...`).
     Stop it with .stop()."""
     inst = SgInstance(pg, redis, workers=workers, **conf_kw)
     try:

@@ -6,19 +6,25 @@
     hosts.add("r.test", redirect="https://mta-sts.a.test/.well-known/mta-sts.txt")
     hosts.add("big.test", "x" * 70000)
     hosts.add("html.test", POLICY, content_type="text/html")
+    hosts.add("c.test", POLICY, cache_control="max-age=86400")
+    hosts.add("s203.test", POLICY, status=203)  # that body, with status 203
     hosts.apply()                            # write nginx.conf, reload
     hosts.set_body("a.test", NEW_POLICY)     # rewrite the file, no reload
     hosts.requests("a.test")                 # GETs served so far
+    hosts.log("a.test")                      # those GETs: status, size and
+                                             # the caching request headers
     hosts.stop()
 
 One nginx serves every domain on one address: SNI picks the server block
 and its certificate ("good": from the test CA for mta-sts.<domain>;
 "expired"; "wrong-name": valid, for another name; "untrusted": from a CA
 nobody trusts).  Bodies are files (alias), so a policy can change without a
-reload.  SlowServer accepts TCP on 127.0.0.M:443 and never answers (the
-fetch timeout).
+reload.  Static bodies carry ETag and Last-Modified (nginx's defaults),
+and Cache-Control when a site asks for it.  SlowServer accepts TCP on
+127.0.0.M:443 and never answers (the fetch timeout).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -55,6 +61,7 @@ class PolicyHosts:
         self.conf = os.path.join(self.dir, "nginx.conf")
         self.error_log = os.path.join(self.dir, "error.log")
         self.access_log = os.path.join(self.dir, "access.log")
+        self.json_log = os.path.join(self.dir, "access.json")
         self.sites = {}
         self.proc = None
         self._default = ca.issue(["default.invalid"])
@@ -62,8 +69,11 @@ class PolicyHosts:
     # ------------------------------------------------------------ sites
 
     def add(self, domain, body=None, cert="good", status=200,
-            content_type="text/plain", charset=None, redirect=None):
-        """Serve body for mta-sts.<domain> (or a bare status, or a 301)."""
+            content_type="text/plain", charset=None, redirect=None,
+            cache_control=None):
+        """Serve body for mta-sts.<domain> (or a bare status, or a 301).
+        A 2xx status other than 200 is sent with body (a valid policy
+        under the wrong status); cache_control adds that header."""
         host = "mta-sts." + domain
         if cert == "good":
             pair = self.ca.issue([host])
@@ -77,7 +87,8 @@ class PolicyHosts:
             pair = cert
         self.sites[domain] = dict(cert=pair, status=status,
                                   content_type=content_type, charset=charset,
-                                  redirect=redirect)
+                                  redirect=redirect,
+                                  cache_control=cache_control)
         self.set_body(domain, body if body is not None else "")
         return self
 
@@ -94,15 +105,25 @@ class PolicyHosts:
     def _file(self, domain):
         return os.path.join(self.dir, "%s.txt" % domain)
 
+    def _body(self, domain):
+        with open(self._file(domain), errors="replace") as f:
+            return f.read()
+
     def _server(self, domain, s):
         cert, key = s["cert"]
         if s["redirect"]:
             action = "return 301 %s;" % s["redirect"]
+        elif 200 < s["status"] < 300:
+            action = "return %d %s;" % (s["status"],
+                                        _quote(self._body(domain)))
         elif s["status"] != 200:
             action = "return %d;" % s["status"]
         else:
             action = "alias %s;" % self._file(domain)
         charset = "charset %s;" % s["charset"] if s["charset"] else ""
+        if s["cache_control"]:
+            action += '\n            add_header Cache-Control "%s" always;' % (
+                s["cache_control"])
         return """
     server {
         listen %(ip)s:443 ssl;
@@ -133,7 +154,16 @@ error_log %(dir)s/error.log info;
 events { worker_connections 256; }
 http {
     log_format sts '$ssl_server_name $request_uri $status';
+    log_format stsjson escape=json '{"host":"$ssl_server_name",'
+        '"uri":"$request_uri","status":$status,"bytes":$body_bytes_sent,'
+        '"if_none_match":"$http_if_none_match",'
+        '"if_modified_since":"$http_if_modified_since",'
+        '"if_match":"$http_if_match",'
+        '"if_unmodified_since":"$http_if_unmodified_since",'
+        '"if_range":"$http_if_range",'
+        '"cache_control":"$http_cache_control","pragma":"$http_pragma"}';
     access_log %(dir)s/access.log sts;
+    access_log %(dir)s/access.json stsjson;
     client_body_temp_path %(dir)s/tmp;
     proxy_temp_path %(dir)s/tmp;
     fastcgi_temp_path %(dir)s/tmp;
@@ -233,6 +263,32 @@ http {
                 return sum(1 for line in f if line.startswith(want))
         except OSError:
             return 0
+
+    def log(self, domain):
+        """The GETs of the policy of mta-sts.<domain> so far, in order:
+        dicts of status, bytes (body sent) and the request's caching
+        headers (if_none_match, if_modified_since, if_match,
+        if_unmodified_since, if_range, cache_control, pragma; "" when
+        absent)."""
+        out = []
+        try:
+            with open(self.json_log, errors="replace") as f:
+                for line in f:
+                    e = json.loads(line)
+                    if (e["host"] == "mta-sts." + domain
+                            and e["uri"] == WELL_KNOWN):
+                        out.append(e)
+        except OSError:
+            pass
+        return out
+
+
+def _quote(text):
+    """text as one quoted nginx configuration string ($ cannot be
+    escaped there)."""
+    assert "$" not in text, "a body served with return holds no $"
+    return '"%s"' % (text.replace("\\", "\\\\").replace('"', '\\"')
+                     .replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class SlowServer:

@@ -20,15 +20,20 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import ssl
+import subprocess
 import threading
 import time
 
 import pytest
 
+import sginstance
 import sgtest
 from dnsserver import DnsServer
-from peers import peer_ca, wait_for, loopback_host  # noqa: F401 (fixture)
-from sts_servers import PolicyHosts, SlowServer, policy
+from peers import (TestCA, peer_ca, wait_for,  # noqa: F401 (fixture)
+                   loopback_host)
+from sts_servers import WELL_KNOWN, PolicyHosts, SlowServer, policy
 
 # every test's domains are its own: no test sees another's cache
 FETCH_TIMEOUT_S = 2
@@ -460,28 +465,107 @@ def test_certificate_not_valid(env, cert, words):
     assert look["result_type"] == "sts-webpki-invalid"
 
 
-def test_system_store_and_trusted_ca_both_used(env):
-    """RFC 8461, 3.3: WebPKI validation against the system's roots plus
-    sg_trusted_ca: the test CA is trusted (above); the system store is
-    still there, so a certificate from a public CA would verify — checked
-    by the error naming a missing local issuer for an unknown root, not a
-    missing or unreadable CA file."""
-    env.publish("store.sts.test", cert="untrusted")
-    h = steps(env.refresh("store.sts.test"))["https"]
-    assert "local issuer" in h["detail"]
-    assert "CAfile" not in h["detail"] and "CA file" not in h["detail"]
-    log = open(env.sg.error_log, errors="replace").read()
-    assert "sg_trusted_ca" not in log
+# libcurl's default CA bundle (CURLOPT_CAINFO; `curl-config --ca` on
+# Debian): "the system store" of sg_http.c; sg_trusted_ca comes on top
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def with_system_bundle(bundle):
+    """A wrap for start_sg(): nginx runs in a private mount namespace
+    whose SYSTEM_BUNDLE is the file bundle (no other process sees it)."""
+    script = ('mount --bind "$1" %s && shift && exec "$@"' % SYSTEM_BUNDLE)
+    return ["unshare", "-m", "sh", "-c", script, "sh", bundle]
+
+
+def https_verdicts(inst, domains):
+    """{domain: (https ok, error, detail)} of ?refresh=1 through inst."""
+    out = {}
+    for d in domains:
+        r = sgtest.api(inst, "GET", POLICY_PATH + d + "?refresh=1",
+                       timeout=30)
+        assert r.status_code == 200, (d, r.text)
+        h = steps(r.json())["https"]
+        out[d] = (h["ok"], h.get("error"), h.get("detail"))
+    return out
+
+
+def test_webpki_system_store_plus_sg_trusted_ca(env, pg, redis_srv):
+    """RFC 8461, 3.3 (RFC-NOTES: WebPKI validation, trusted CA file
+    configurable): the policy host's certificate is checked against the
+    system store *and* sg_trusted_ca, each on its own.  Three policy
+    hosts: one from a CA that is only in the system store sg sees (a
+    bind-mounted SYSTEM_BUNDLE: the real bundle plus that CA, in sg's own
+    mount namespace), one from the CA that is only in sg_trusted_ca, one
+    from a CA in neither.  Three sg: the module's (real system store,
+    sg_trusted_ca), one with the extended store and sg_trusted_ca, one
+    with the extended store and no sg_trusted_ca.  A host verifies exactly
+    when its CA is in one of the two sources of that sg."""
+    # (in the policy hosts' folder: their nginx.conf keeps naming it)
+    sys_ca = TestCA(os.path.join(env.hosts.dir, "sys-ca"),
+                    name="sg System Store Only CA")
+    tmp = sgtest.make_tmp("sgsysca-")
+    others = []
+    try:
+        with open(SYSTEM_BUNDLE, "rb") as f:
+            real = f.read()
+        for ca in (sys_ca, env.ca, env.ca.untrusted):
+            assert ca.cert_pem not in real
+        bundle = os.path.join(tmp, "ca-certificates.crt")
+        with open(bundle, "wb") as f:
+            f.write(real + b"\n" + sys_ca.cert_pem)
+        os.chmod(bundle, 0o644)
+
+        d_sys, d_extra, d_none = ("sysca.webpki.sts.test",
+                                  "extraca.webpki.sts.test",
+                                  "noca.webpki.sts.test")
+        env.publish(d_sys, cert=sys_ca.issue(["mta-sts." + d_sys]),
+                    apply=False)
+        env.publish(d_extra, cert="good", apply=False)      # env.ca
+        env.publish(d_none, cert="untrusted")
+        domains = (d_sys, d_extra, d_none)
+
+        def start(ca_file):
+            inst = sgtest.start_sg(pg, redis_srv, resolver=env.dns.address,
+                                   ca_file=ca_file, extra_main=EXTRA_MAIN,
+                                   wrap=with_system_bundle(bundle))
+            others.append(inst)
+            return inst
+
+        both = https_verdicts(start(env.ca.cert_file), domains)
+        system_only = https_verdicts(start(None), domains)
+        plain = https_verdicts(env.sg, domains)
+
+        ok = {"both": {d: v[0] for d, v in both.items()},
+              "system_only": {d: v[0] for d, v in system_only.items()},
+              "plain": {d: v[0] for d, v in plain.items()}}
+        # extended system store + sg_trusted_ca: both sources are used
+        assert ok["both"] == {d_sys: True, d_extra: True, d_none: False}, (
+            both)
+        # extended system store alone: the system store is used
+        assert ok["system_only"] == {d_sys: True, d_extra: False,
+                                     d_none: False}, system_only
+        # the real system store + sg_trusted_ca: sg_trusted_ca is used, and
+        # the first two sg trusted sys_ca only through the mounted bundle
+        assert ok["plain"] == {d_sys: False, d_extra: True,
+                               d_none: False}, plain
+        for verdicts in (both, system_only, plain):
+            for d, (good, error, detail) in verdicts.items():
+                if not good:
+                    assert error == "tls-verify", (d, verdicts)
+                    assert "local issuer" in detail, (d, verdicts)
+    finally:
+        for inst in others:
+            sgtest.finish_sg(inst)
+        sgtest.remove_tmp(tmp)
 
 
 def test_policy_host_with_only_tls_1_1_is_refused(env):
     """RFC 8461, 3.3 (RFC-NOTES: TLS >= 1.2): a policy host that speaks
     only TLS 1.1 gets no policy fetched from it: the handshake fails,
     no request is sent, and the lookup says sts-policy-fetch-error or
-    sts-webpki-invalid, never a policy."""
-    import socket
-    import ssl
-
+    sts-webpki-invalid, never a policy.  (Debian's OpenSSL refuses TLS 1.1
+    on its own: test_client_hello_offers_only_tls_1_2_and_up checks sg's
+    own minimum.)"""
     domain = "tls11.sts.test"
     cert, key = env.ca.issue(["mta-sts." + domain])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -533,19 +617,233 @@ def test_policy_host_with_only_tls_1_1_is_refused(env):
         t.join(5)
 
 
+# an OpenSSL configuration that allows TLS 1.0 and every cipher: with it,
+# only sg's own minimum keeps TLS 1.0 and 1.1 out of its ClientHello
+# (Debian's /etc/ssl/openssl.cnf has MinProtocol = TLSv1.2 already)
+PERMISSIVE_OPENSSL_CNF = """\
+openssl_conf = sg_test_conf
+[sg_test_conf]
+ssl_conf = sg_test_ssl
+[sg_test_ssl]
+system_default = sg_test_system
+[sg_test_system]
+MinProtocol = TLSv1
+CipherString = DEFAULT:@SECLEVEL=0
+"""
+
+
+def parse_client_hello(data):
+    """A TLS record holding a ClientHello (RFC 8446, 4.1.2) as a dict:
+    record_version, legacy_version, supported_versions (list of ints, or
+    None without the extension), server_name (str or None)."""
+    assert data[0] == 0x16, "not a handshake record: %r" % data[:8]
+    rec_len = int.from_bytes(data[3:5], "big")
+    hs = data[5:5 + rec_len]
+    assert hs[0] == 1, "not a ClientHello"
+    body = hs[4:4 + int.from_bytes(hs[1:4], "big")]
+    out = {"record_version": int.from_bytes(data[1:3], "big"),
+           "legacy_version": int.from_bytes(body[0:2], "big"),
+           "supported_versions": None, "server_name": None}
+    p = 2 + 32                                  # version, random
+    p += 1 + body[p]                            # legacy_session_id
+    p += 2 + int.from_bytes(body[p:p + 2], "big")   # cipher_suites
+    p += 1 + body[p]                            # compression methods
+    end = p + 2 + int.from_bytes(body[p:p + 2], "big")
+    p += 2
+    while p < end:
+        etype = int.from_bytes(body[p:p + 2], "big")
+        elen = int.from_bytes(body[p + 2:p + 4], "big")
+        ext = body[p + 4:p + 4 + elen]
+        p += 4 + elen
+        if etype == 43:                         # supported_versions
+            out["supported_versions"] = [
+                int.from_bytes(ext[1 + i:3 + i], "big")
+                for i in range(0, ext[0], 2)]
+        elif etype == 0:                        # server_name (RFC 6066)
+            name_len = int.from_bytes(ext[3:5], "big")
+            out["server_name"] = ext[5:5 + name_len].decode()
+    return out
+
+
+class HelloCatcher:
+    """A TCP listener on ip:443 that reads one ClientHello per connection
+    and closes it (no TLS is ever answered)."""
+
+    def __init__(self):
+        self.ip = loopback_host(443)
+        self.hellos = []
+        self._srv = socket.create_server((self.ip, 443))
+        self._srv.settimeout(0.5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while len(data) < 5 or len(data) < 5 + int.from_bytes(
+                            data[3:5], "big"):
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                except OSError:
+                    pass
+                self.hellos.append(data)
+
+    def close(self):
+        self._stop.set()
+        self._srv.close()
+        self._thread.join(5)
+
+
+def test_client_hello_offers_only_tls_1_2_and_up(env, pg, redis_srv):
+    """RFC 8461, 3.3 (RFC-NOTES: TLS >= 1.2): sg's own ClientHello to a
+    policy host, read off the wire, offers TLS 1.2 and 1.3 only (the
+    supported_versions extension, RFC 8446 4.2.1: nothing below 0x0303),
+    and names mta-sts.<domain> in SNI.  sg runs with an OpenSSL
+    configuration that would allow TLS 1.0 (PERMISSIVE_OPENSSL_CNF), so
+    the minimum seen is sg's (CURLOPT_SSLVERSION), not the system's:
+    without it this hello offers 0x0302 and 0x0301."""
+    tmp = sgtest.make_tmp("sgossl-")
+    cnf = os.path.join(tmp, "openssl.cnf")
+    with open(cnf, "w") as f:
+        f.write(PERMISSIVE_OPENSSL_CNF)
+    os.chmod(cnf, 0o644)
+    catcher = HelloCatcher()
+    inst = None
+    try:
+        domain = "hello.sts.test"
+        env.set_txt(domain, ["v=STSv1; id=he1"], reload=False)
+        env.records["hosts"]["mta-sts." + domain] = [catcher.ip]
+        env.dns.reload(env.records)
+        inst = sgtest.start_sg(pg, redis_srv, resolver=env.dns.address,
+                               ca_file=env.ca.cert_file,
+                               extra_main=EXTRA_MAIN,
+                               wrap=["env", "OPENSSL_CONF=" + cnf])
+        r = sgtest.api(inst, "GET", POLICY_PATH + domain + "?refresh=1",
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        assert not steps(r.json())["https"]["ok"]
+        assert catcher.hellos, "sg sent no ClientHello"
+        for data in catcher.hellos:
+            hello = parse_client_hello(data)
+            versions = hello["supported_versions"]
+            assert versions is not None, hello
+            assert min(versions) >= 0x0303, [hex(v) for v in versions]
+            assert versions, hello
+            assert hello["legacy_version"] == 0x0303, hello
+            assert hello["server_name"] == "mta-sts." + domain, hello
+    finally:
+        if inst is not None:
+            sgtest.finish_sg(inst)
+        catcher.close()
+        sgtest.remove_tmp(tmp)
+
+
 # ------------------------------------------------------------ HTTP, 3.3
 
 
-@pytest.mark.parametrize("status", [404, 500])
+@pytest.mark.parametrize("status", [404, 500, 203, 204])
 def test_http_status_not_200(env, status):
-    """RFC 8461, 3.3: only HTTP 200 is a policy: sts-policy-fetch-error."""
+    """RFC 8461, 3.3 ("HTTP 200 only" in RFC-NOTES): only HTTP 200 is a
+    policy: sts-policy-fetch-error.  203 comes with a valid text/plain
+    policy and 204 without a body: another 2xx is not 200 either."""
     domain = "status%d.sts.test" % status
-    env.publish(domain, status=status)
+    env.publish(domain, policy(), status=status)
     body = env.refresh(domain)
     h = steps(body)["https"]
     assert h["status"] == status and h["error"] == "http-status"
+    assert not h["ok"] and "parse" not in steps(body)
+    assert body["policy"] is None
     assert body["result_type"] == "sts-policy-fetch-error"
     assert env.lookup(domain)["result_type"] == "sts-policy-fetch-error"
+    if status == 203:
+        assert h["content_type"].startswith("text/plain")
+        assert h["size"] == len(policy())
+
+
+def https_get(env, domain, headers=()):
+    """GET the policy of domain from the policy host ourselves (with the
+    extra request headers given as (name, value)): (status, response
+    headers with lower-case names, body)."""
+    ctx = env.ca.client_context()
+    host = "mta-sts." + domain
+    extra = "".join("%s: %s\r\n" % h for h in headers)
+    with socket.create_connection((env.hosts.ip, 443), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\n%s"
+                         "Connection: close\r\n\r\n"
+                         % (WELL_KNOWN, host, extra)).encode())
+            data = b""
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, payload
+
+
+def test_policy_fetch_uses_no_http_cache(env):
+    """RFC 8461, 3.3: "HTTP caching [RFC7234] MUST NOT be used"
+    (RFC-NOTES: no HTTP caching).  The policy host sends ETag,
+    Last-Modified and Cache-Control: max-age=86400; the TXT id changes
+    while the policy text does not (a conditional GET would get 304).
+    Every fetch sg makes (the first, the one for the new id, a ?refresh=1)
+    is a full GET answered 200 with the whole body: no If-None-Match,
+    If-Modified-Since or other conditional header, no Cache-Control or
+    Pragma that would accept a stored copy."""
+    domain = "nocache.sts.test"
+    text = policy(mode="testing")
+    env.publish(domain, text, txt_id="nc1", cache_control="max-age=86400")
+    status, headers, payload = https_get(env, domain)
+    assert status == 200 and payload == text.encode()
+    assert headers.get("etag") and headers.get("last-modified"), headers
+    assert headers.get("cache-control") == "max-age=86400", headers
+    # a conditional GET would be answered 304, and the log shows it
+    status, _, payload = https_get(env, domain, [
+        ("If-None-Match", headers["etag"]),
+        ("If-Modified-Since", headers["last-modified"])])
+    assert status == 304 and payload == b""
+    ours = env.hosts.log(domain)
+    assert len(ours) == 2
+    assert ours[1]["if_none_match"] == headers["etag"], ours
+    assert ours[1]["status"] == 304, ours
+
+    first = env.lookup(domain)
+    assert first["source"] == "fetched" and first["mode"] == "testing"
+    env.set_txt(domain, ["v=STSv1; id=nc2"])
+    second = env.lookup(domain)
+    assert second["source"] == "fetched"
+    assert second["policy"]["policy_id"] == "nc2"
+    again = env.refresh(domain)
+    assert steps(again)["https"]["status"] == 200
+    assert steps(again)["https"]["size"] == len(text)
+
+    fetches = env.hosts.log(domain)[len(ours):]
+    assert len(fetches) == 3, fetches
+    for e in fetches:
+        assert e["status"] == 200 and e["bytes"] == len(text), e
+        for h in ("if_none_match", "if_modified_since", "if_match",
+                  "if_unmodified_since", "if_range"):
+            assert e[h] == "", (h, e)
+        assert e["cache_control"] in ("", "no-cache", "no-store"), e
+        assert e["pragma"] in ("", "no-cache"), e
 
 
 def test_redirect_not_followed(env):
@@ -607,6 +905,53 @@ def test_slow_server_times_out(env):
     # the server accepted the connection: the timeout, not a refusal
     assert env.slow.accepted - before == 1
     assert body["result_type"] == "sts-policy-fetch-error"
+
+
+def nginx_t(pg, redis_srv, extra_main):
+    """nginx -t on an sg configuration with extra_main: (exit code,
+    stderr)."""
+    d = sgtest.make_tmp("sgconf-")
+    try:
+        cert, key = sginstance.make_self_signed("sg.local")
+        for name, pem in (("cert.pem", cert), ("key.pem", key)):
+            with open(os.path.join(d, name), "w") as f:
+                f.write(pem)
+        conf = os.path.join(d, "nginx.conf")
+        sginstance.write_nginx_conf(
+            conf, prefix_dir=d, module_so=sgtest.MODULE_SO,
+            pg_conninfo=pg.conninfo, redis_addr=redis_srv.address,
+            smtp_listen="127.0.0.1:%d" % sgtest.free_port(),
+            admin_listen="127.0.0.1:%d" % sgtest.free_port(),
+            http_listen="127.0.0.1:%d" % sgtest.free_port(),
+            cert_file=os.path.join(d, "cert.pem"),
+            key_file=os.path.join(d, "key.pem"),
+            resolver="127.0.0.1:9", extra_main=extra_main)
+        r = subprocess.run([sginstance.NGINX_BIN, "-t", "-p", d + "/",
+                            "-c", conf, "-e", os.path.join(d, "error.log")],
+                           capture_output=True, text=True, timeout=60)
+        return r.returncode, r.stderr
+    finally:
+        sgtest.remove_tmp(d)
+
+
+def test_fetch_timeout_capped_at_60s(pg, redis_srv, module_so):
+    """RFC 8461, 3.3 (RFC-NOTES: timeout <= 60 s): "sg_mta_sts_fetch_timeout
+    61s" (and 0) are refused at configuration time with a message naming
+    the directive; 60s, 60000ms and 1m are accepted."""
+    for bad in ("61s", "60001ms", "2m", "0"):
+        rc, err = nginx_t(pg, redis_srv,
+                          "sg_delivery off;\nsg_mta_sts_fetch_timeout %s;"
+                          % bad)
+        assert rc != 0, (bad, err)
+        assert "[emerg]" in err, (bad, err)
+        assert '"sg_mta_sts_fetch_timeout" must be from 1ms to 60s' in err, (
+            bad, err)
+    for good in ("60s", "60000ms", "1m", "1ms"):
+        rc, err = nginx_t(pg, redis_srv,
+                          "sg_delivery off;\nsg_mta_sts_fetch_timeout %s;"
+                          % good)
+        assert rc == 0, (good, err)
+        assert "sg_mta_sts_fetch_timeout" not in err, (good, err)
 
 
 def test_no_address_for_policy_host(env):
@@ -791,6 +1136,9 @@ def test_bench_counts_cached_decisions(env):
     assert body["sources"] == {"memory": 200, "redis": 0, "fetched": 0,
                                "none": 0}
     assert body["mx_matched"] == 200 and body["ns_per_lookup"] > 0
+    # (the MtaStsBench of docs/api/openapi.yaml)
+    assert set(body) == {"domain", "lookups", "from", "elapsed_ns",
+                         "ns_per_lookup", "mx_matched", "sources"}
     body = env.get("benchapi.sts.test",
                    "?bench=5&from=redis&mx=other.example.test")
     assert body["sources"]["redis"] == 5 and body["mx_matched"] == 0
@@ -803,6 +1151,40 @@ def test_bench_counts_cached_decisions(env):
     r = sgtest.api(env.sg, "GET", POLICY_PATH + "benchapi.sts.test?bench=1",
                    token=ro)
     assert r.status_code == 403
+    assert r.json()["type"] == "urn:sg:problem:forbidden"
+
+
+def test_openapi_documents_every_mta_sts_route_and_parameter():
+    """docs/api/openapi.yaml describes what the code serves: every
+    MTA-STS route of the admin module (and GET /domains/{id}/dns) with
+    its method, every query parameter ngx_http_sgadmin_sts.c reads
+    (lookup, refresh, bench, from, mx), the 403 of ?bench for a read-only
+    token and the MtaStsBench answer."""
+    import re
+    import yaml
+    src = os.path.join(sgtest.PROJECT, "ngx_http_sgadmin_module")
+    with open(os.path.join(sgtest.PROJECT, "docs", "api",
+                           "openapi.yaml")) as f:
+        api = yaml.safe_load(f)
+    with open(os.path.join(src, "ngx_http_sgadmin_module.c")) as f:
+        routes = re.findall(r'NGX_HTTP_(GET|POST|PUT|PATCH|DELETE),\s*'
+                            r'ngx_string\("(/mta-sts/[^"]*|[^"]*/dns)"\)',
+                            f.read())
+    assert len(routes) >= 4, routes
+    for method, path in routes:
+        assert method.lower() in api["paths"].get(path, {}), (method, path)
+    with open(os.path.join(src, "ngx_http_sgadmin_sts.c")) as f:
+        read = set(re.findall(r'ngx_http_arg\(r, \(u_char \*\) "(\w+)"',
+                              f.read()))
+    get = api["paths"]["/mta-sts/policies/{domain}"]["get"]
+    documented = {p["name"] for p in get["parameters"] if p["in"] == "query"}
+    assert read == {"lookup", "refresh", "bench", "from", "mx"}, read
+    assert read <= documented, read - documented
+    assert "403" in get["responses"]
+    assert "bench" in get["responses"]["403"]["description"]
+    bench = api["components"]["schemas"]["MtaStsBench"]["properties"]
+    assert set(bench) == {"domain", "lookups", "from", "elapsed_ns",
+                          "ns_per_lookup", "mx_matched", "sources"}
 
 
 def test_delete_evicts_redis_and_memory(env):
