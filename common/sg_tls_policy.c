@@ -11,6 +11,8 @@
 void
 sg_tls_decide(const sg_tls_facts_t *f, sg_tls_decision_t *d)
 {
+    int  relaxed;
+
     memset(d, 0, sizeof(sg_tls_decision_t));
 
     /* 1. RFC 8689, 4.1 and 5: REQUIRETLS; no whitelist, no fallback */
@@ -54,9 +56,15 @@ sg_tls_decide(const sg_tls_facts_t *f, sg_tls_decision_t *d)
      * or certificate checks fail, still trying STARTTLS.
      */
 
-    if (f->tls_required_no
-        && (f->dane || (f->mta_sts_enabled && f->sts_mode != SG_STS_NONE)))
-    {
+    relaxed = f->tls_required_no
+              && (f->dane || (f->mta_sts_enabled
+                              && f->sts_mode != SG_STS_NONE));
+
+    /*
+     * the admin's required list and whitelist still hold: the header
+     * relaxes the recipient's policies, not the sender side's lists
+     */
+    if (relaxed && !f->on_required_list && !f->on_whitelist) {
         d->rule = f->dane ? 2 : 3;
         d->level = SG_TLS_MAY;
         /* a failed handshake retries in clear, as for unflagged mail */
@@ -69,7 +77,7 @@ sg_tls_decide(const sg_tls_facts_t *f, sg_tls_decision_t *d)
 
     /* 2. RFC 7672, 2.2: usable TLSA records; no downgrade */
 
-    if (f->dane) {
+    if (f->dane && !relaxed) {
         d->rule = 2;
         d->level = SG_TLS_DANE;
         d->reason = "DANE: TLSA records, DNSSEC-valid (RFC 7672, 2.2)";
@@ -78,7 +86,7 @@ sg_tls_decide(const sg_tls_facts_t *f, sg_tls_decision_t *d)
 
     /* 3. RFC 8461, 4.1 and 5: MTA-STS enforce */
 
-    if (f->mta_sts_enabled && f->sts_mode == SG_STS_ENFORCE) {
+    if (f->mta_sts_enabled && f->sts_mode == SG_STS_ENFORCE && !relaxed) {
         d->rule = 3;
         d->level = SG_TLS_VERIFY;
 
@@ -96,7 +104,9 @@ sg_tls_decide(const sg_tls_facts_t *f, sg_tls_decision_t *d)
 
     /* RFC 8461, 5: testing changes nothing but what is reported */
 
-    d->report_sts = (f->mta_sts_enabled && f->sts_mode == SG_STS_TESTING);
+    d->report_sts = (f->mta_sts_enabled
+                     && (f->sts_mode == SG_STS_TESTING
+                         || (relaxed && f->sts_mode == SG_STS_ENFORCE)));
 
     /* 4. the STARTTLS required list: more secure than the whitelist */
 
@@ -130,6 +140,8 @@ sg_tls_decide(const sg_tls_facts_t *f, sg_tls_decision_t *d)
 
         d->level = SG_TLS_MAY;
         d->fallback = f->tls_failure_fallback;
+        /* RFC 8689, 5: the bounce of a flagged message is not discarded */
+        d->retry_clear = f->requiretls_dsn && f->requiretls_enabled;
         d->reason = "STARTTLS whenever possible";
         return;
     }

@@ -457,7 +457,8 @@ def test_requiretls_to_postfix_bounces_5_7_30_headers_only(W, hosts):
 
 
 @pytest.mark.parametrize("outbound,back_tls", [
-    (True, "ok"), (False, "ok"), (False, "handshake-fails")])
+    (True, "ok"), (False, "ok"), (False, "handshake-fails"),
+    (True, "handshake-fails")])
 def test_bounce_of_a_flagged_message_carries_requiretls_when_offered(
         W, hosts, outbound, back_tls):
     """RFC 8689, 5: the non-delivery report of a flagged message is sent

@@ -129,6 +129,12 @@ static const sg_tls_case_t  cases[] = {
       SG_STS_NONE, SG_TLS_MAY, 6, 0, 0, 1 },
     { "TLS-Required: No keeps the required list", TRN | REQ, SG_STS_NONE,
       SG_TLS_ENCRYPT, 4, 0, 0, 0 },
+    { "TLS-Required: No with a policy keeps the required list",
+      TRN | REQ | STS_ON, SG_STS_ENFORCE, SG_TLS_ENCRYPT, 4, 0, 0, 0 },
+    { "TLS-Required: No with a policy keeps the whitelist",
+      TRN | WL | OUT | STS_ON, SG_STS_ENFORCE, SG_TLS_NONE, 5, 0, 0, 0 },
+    { "TLS-Required: No with DANE keeps the required list",
+      TRN | REQ | DANE, SG_STS_NONE, SG_TLS_ENCRYPT, 4, 0, 0, 0 },
     { "RFC 8689 5: TLS-Required: No, handshake failure retries in clear",
       TRN | STS_ON | FB, SG_STS_ENFORCE, SG_TLS_MAY, 3, 0, 0, 1 },
 
@@ -208,6 +214,11 @@ main(void)
     sg_tls_decide(&f, &d);
     CHECK(d.retry_clear && !d.fallback,
           "DSN of a flagged message: a failed handshake retries in clear");
+
+    facts(DSN | RT_ON | OUT, SG_STS_NONE, &f);
+    sg_tls_decide(&f, &d);
+    CHECK(d.retry_clear && d.rule == 6,
+          "DSN of a flagged message, whenever possible: retries in clear");
 
     facts(OUT | FB, SG_STS_NONE, &f);
     sg_tls_decide(&f, &d);
