@@ -332,7 +332,8 @@ sg_sts_init_conf(ngx_cycle_t *cycle, void *conf)
     ngx_conf_init_uint_value(scf->cache_size, 10000);
     ngx_conf_init_value(scf->txt_recheck, 60);
     ngx_conf_init_value(scf->negative_ttl, 300);
-    ngx_conf_init_value(scf->failure_backoff, 300);
+    ngx_conf_init_value(scf->failure_backoff,
+                        SG_STS_FAILURE_BACKOFF_DEFAULT);
     ngx_conf_init_value(scf->refresh_interval, 60);
 
     /* RFC 8461, 3.3: "a timeout of at most 60 seconds" */

@@ -17,6 +17,13 @@
 #include "sg_mta_sts.h"
 
 
+/*
+ * RFC-NOTES (MTA-STS): after a failed fetch, at most one refetch per
+ * policy id every 5 minutes: the default of sg_mta_sts_failure_backoff
+ */
+#define SG_STS_FAILURE_BACKOFF_DEFAULT  300
+
+
 #define SG_STS_TXT_STRINGS_MAX   64         /* strings kept per record */
 #define SG_STS_REFRESH_AHEAD_MAX 86400      /* s: refresh at most a day
                                                before expiry */

@@ -14,7 +14,8 @@
 
 
 #define NOW       1700000000
-#define BACKOFF   300
+/* the directive's default, RFC-NOTES: 5 minutes */
+#define BACKOFF   SG_STS_FAILURE_BACKOFF_DEFAULT
 
 #define FOUND     SG_STS_TXT_FOUND
 #define ABSENT    SG_STS_TXT_ABSENT
@@ -253,6 +254,10 @@ test_refresh_due(void)
 int
 main(void)
 {
+    /* RFC-NOTES: one refetch per policy id every 5 minutes, by default */
+    CHECK(SG_STS_FAILURE_BACKOFF_DEFAULT == 300,
+          "sg_mta_sts_failure_backoff defaults to 5 minutes");
+
     test_decide();
     test_txt_split();
     test_records();
