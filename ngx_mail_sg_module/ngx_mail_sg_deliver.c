@@ -250,6 +250,8 @@ static void sg_dlv_dest_routed(void *data, sg_dns_route_t *route);
 static void sg_dlv_dest_policy(void *data, sg_sts_answer_t *answer);
 static ngx_str_t *sg_dlv_policy_domain(sg_dlv_dest_t *dest);
 static void sg_dlv_release_at_exit(ngx_cycle_t *cycle);
+static void sg_dlv_sess_not_sent(sg_dlv_sess_t *sess, const char *status,
+    const char *reply);
 static void sg_dlv_route_release(sg_dlv_dest_t *dest, sg_dns_route_t *route,
     ngx_uint_t used);
 static void sg_dlv_dest_lookup_policy(sg_dlv_dest_t *dest);
@@ -2598,12 +2600,8 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
                       "sg delivery: %s: not sent: its claim was not renewed"
                       " for %M ms (PostgreSQL unavailable)", job->id,
                       ngx_current_msec - since);
-        sg_dlv_rcpt_outcome(job, NULL, 451, "4.3.0",
-                            "not sent: the claim could not be renewed",
-                            NULL, 0);
-        sg_dlv_job_finish(job);
-        sess->job = NULL;
-        sg_dlv_sess_done(sess);
+        sg_dlv_sess_not_sent(sess, "4.3.0",
+                             "not sent: the claim could not be renewed");
         return;
     }
 
@@ -2612,17 +2610,13 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
          * RFC 8689, 4.1: never without the keyword (a kept connection
          * opened for another job must not carry this one)
          */
-        ngx_log_error(NGX_LOG_ALERT, sg_dlv.log, 0,
+        ngx_log_error(NGX_LOG_ERR, sg_dlv.log, 0,
                       "sg delivery: %s: the connection to %V does not offer"
                       " REQUIRETLS: not sent", job->id, &sess->host_name);
         sg_client_close(sess->client);
         sess->client = NULL;
-        sg_dlv_rcpt_outcome(job, NULL, 451, "4.7.0",
-                            "the connection does not offer REQUIRETLS",
-                            NULL, 0);
-        sg_dlv_job_finish(job);
-        sess->job = NULL;
-        sg_dlv_sess_done(sess);
+        sg_dlv_sess_not_sent(sess, "4.7.0",
+                             "the connection does not offer REQUIRETLS");
         return;
     }
 
@@ -2696,6 +2690,23 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
 failed:
 
     sg_dlv_rcpt_outcome(job, NULL, 451, "4.3.0", "out of memory", NULL, 0);
+    sg_dlv_job_finish(job);
+    sess->job = NULL;
+    sg_dlv_sess_done(sess);
+}
+
+
+/* the job is not sent now: every pending recipient is deferred */
+
+static void
+sg_dlv_sess_not_sent(sg_dlv_sess_t *sess, const char *status,
+    const char *reply)
+{
+    sg_dlv_job_t  *job;
+
+    job = sess->job;
+
+    sg_dlv_rcpt_outcome(job, NULL, 451, status, reply, NULL, 0);
     sg_dlv_job_finish(job);
     sess->job = NULL;
     sg_dlv_sess_done(sess);
