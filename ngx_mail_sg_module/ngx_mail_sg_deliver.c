@@ -991,7 +991,7 @@ sg_dlv_release_at_exit(ngx_cycle_t *cycle)
     ngx_queue_t     *q;
     sg_dlv_job_t    *job;
     sg_core_conf_t  *scf;
-    const char      *params[2];
+    const char      *params[2], *err;
     u_char           conninfo[1024];
 
     static const char  *keys[] = { "dbname", "connect_timeout", "options",
@@ -1065,24 +1065,22 @@ sg_dlv_release_at_exit(ngx_cycle_t *cycle)
     values[3] = NULL;
 
     conn = PQconnectdbParams(keys, values, 1);
+    res = NULL;
 
     if (PQstatus(conn) != CONNECTION_OK) {
-        ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
-                      "sg delivery: stopping: %uz recipients not sent come"
-                      " back when their claim runs out (PostgreSQL: %s)",
-                      n, PQerrorMessage(conn));
-        PQfinish(conn);
-        ngx_free(ids);
-        return;
+        err = PQerrorMessage(conn);
+
+    } else {
+        params[0] = (const char *) ids;
+        params[1] = sg_dlv.worker_id;
+
+        res = PQexecParams(conn, SG_DLV_RELEASE_SQL, 2, NULL, params, NULL,
+                           NULL, 0);
+        err = (PQresultStatus(res) == PGRES_COMMAND_OK)
+              ? NULL : PQresultErrorMessage(res);
     }
 
-    params[0] = (const char *) ids;
-    params[1] = sg_dlv.worker_id;
-
-    res = PQexecParams(conn, SG_DLV_RELEASE_SQL, 2, NULL, params, NULL, NULL,
-                       0);
-
-    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
+    if (err == NULL) {
         ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
                       "sg delivery: stopping: %s of %uz recipients not sent"
                       " went back to the queue", PQcmdTuples(res), n);
@@ -1091,7 +1089,7 @@ sg_dlv_release_at_exit(ngx_cycle_t *cycle)
         ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
                       "sg delivery: stopping: %uz recipients not sent come"
                       " back when their claim runs out (PostgreSQL: %s)",
-                      n, PQresultErrorMessage(res));
+                      n, err);
     }
 
     PQclear(res);
