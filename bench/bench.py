@@ -37,7 +37,9 @@ given up), BENCH_BUDGET (540: seconds; runs that would start later are
 skipped). For development only (the page then shows less): BENCH_ONLY
 (sg|Postfix), BENCH_MODES ("plaintext TLS"), BENCH_SESSIONS ("20 100"),
 BENCH_KEEP_TMP=1 keeps the temporary folder, BENCH_DOC
-(docs/benchmarks.md), BENCH_MODULE_SO (build/ngx_sg_module.so).
+(docs/benchmarks.md), BENCH_MODULE_SO (build/ngx_sg_module.so),
+BENCH_SG_MAIN (directives added to sg's main context, e.g.
+"sg_postgres_pool 8;").
 """
 
 import asyncio
@@ -78,6 +80,7 @@ MESSAGES = int(os.environ.get("BENCH_MESSAGES") or 5000)
 IDLE = int(os.environ.get("BENCH_IDLE") or 10000)
 TLS_FRONT = os.environ.get("BENCH_TLS_FRONT") or "nginx"
 ONLY = os.environ.get("BENCH_ONLY") or ""
+SG_MAIN = os.environ.get("BENCH_SG_MAIN") or ""
 SIZE = 4096
 SESSIONS = tuple(int(x) for x in
                  (os.environ.get("BENCH_SESSIONS") or "20 100").split())
@@ -611,7 +614,8 @@ class Sg:
             cert_file=cert_file, key_file=key_file, workers=NGINX_WORKERS,
             resolver="127.0.0.1:%d" % dns, hostname="sg.bench",
             ca_file=self.ca_file,
-            extra_main="worker_rlimit_nofile %d;" % NGINX_RLIMIT_NOFILE,
+            extra_main="worker_rlimit_nofile %d;\n%s" % (NGINX_RLIMIT_NOFILE,
+                                                     SG_MAIN),
             error_log_level="notice")
         # write_nginx_conf fixes worker_connections at 1024
         with open(self.conf) as f:

@@ -53,7 +53,8 @@ def main():
         sg.nginx.stop()
         with open(os.path.join(sg.pg.datadir, "postgresql.conf"), "a") as f:
             f.write("\nshared_preload_libraries = 'pg_stat_statements'\n"
-                    "pg_stat_statements.track = all\n")
+                    "pg_stat_statements.track = all\n"
+                    "track_wal_io_timing = on\n")
         sg.pg.stop()
         sg.pg.start()
         import psycopg2
@@ -65,10 +66,15 @@ def main():
             cur.execute("GRANT pg_read_all_stats TO sg")
             cur.execute("GRANT EXECUTE ON FUNCTION pg_stat_statements_reset"
                         "(oid, oid, bigint) TO sg")
+            cur.execute("GRANT EXECUTE ON FUNCTION pg_stat_reset_shared"
+                        "(text) TO sg")
         conn.close()
         sg.nginx.start()
         sg.configure(mode, sink.port, front.port)
         sg.sql("SELECT pg_stat_statements_reset()")
+        sg.sql("SELECT pg_stat_reset_shared('wal')")
+        commits0 = sg.sql("SELECT xact_commit FROM pg_stat_database"
+                          " WHERE datname = 'sg'")[0][0]
         perf_data = os.path.join(base, "perf.data")
         if use_perf:
             perf = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "499",
@@ -91,6 +97,14 @@ def main():
         print("== CPU s per 1000 messages: %s" % ", ".join(
             "%s %.2f" % (g, v * 1000.0 / bench.MESSAGES)
             for g, v in r["cpu"].items()))
+        time.sleep(0.6)     # statistics are flushed every 0.5 s at most
+        commits = sg.sql("SELECT xact_commit FROM pg_stat_database"
+                         " WHERE datname = 'sg'")[0][0] - commits0
+        wal = sg.sql("SELECT wal_records, wal_bytes, wal_write, wal_sync,"
+                     " round(wal_sync_time::numeric, 0) FROM pg_stat_wal")[0]
+        print("== commits in database sg: %d; WAL: %d records, %d bytes,"
+              " %d writes, %d syncs (fdatasync), %s ms in syncs"
+              % ((commits,) + tuple(wal)))
         rows = sg.sql(
             "SELECT calls, round(total_exec_time::numeric, 0),"
             " round(mean_exec_time::numeric, 3), rows,"

@@ -86,6 +86,8 @@ typedef struct {
     u_char                    queue_id[17];
     ngx_str_t                 received;
     int64_t                   rule_id;
+    sg_pg_param_t            *commit_params; /* the commit's, in tpool */
+    ngx_queue_t               commit_queue;  /* waiting for a batch */
 
     unsigned                  greeted:1;
     unsigned                  skip:1;        /* inside an over-long line */

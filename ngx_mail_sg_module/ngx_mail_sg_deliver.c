@@ -101,6 +101,7 @@ struct sg_dlv_job_s {
     ngx_msec_t           claimed;            /* its lease was set */
     ngx_event_t          retry;              /* recording failed: again */
     ngx_uint_t           retries;
+    ngx_queue_t          record;             /* waiting to be recorded */
 };
 
 
@@ -296,6 +297,13 @@ static void sg_dlv_rcpt_outcome(sg_dlv_job_t *job, sg_dlv_rcpt_t *r,
     ngx_str_t *remote, ngx_uint_t dsn_peer);
 static void sg_dlv_job_finish(sg_dlv_job_t *job);
 static void sg_dlv_job_record(sg_dlv_job_t *job);
+static void sg_dlv_job_record_alone(sg_dlv_job_t *job);
+static ngx_int_t sg_dlv_job_rows(sg_dlv_job_t *job, json_t *rows,
+    int64_t *lo, int64_t *hi);
+static void sg_dlv_record_next(void);
+static ngx_int_t sg_dlv_record_batch(sg_dlv_job_t **jobs, ngx_uint_t n);
+static void sg_dlv_record_batch_done(void *data, PGresult *res,
+    const char *err, const char *sqlstate);
 static void sg_dlv_job_recorded(void *data, PGresult *res, const char *err,
     const char *sqlstate);
 static void sg_dlv_job_retry_later(sg_dlv_job_t *job);
@@ -556,17 +564,21 @@ static sg_dlv_worker_t  sg_dlv;
     "SELECT body FROM messages WHERE id = $1"
 
 /*
- * $1 recipients (json), $2 worker, $3 message id, $4 attempts (json),
- * $5 and $6 the smallest and largest id of the recipients (inserted by one
- * statement, their ids are close).  json_to_recordset() is estimated at
- * 100 rows: without the range, or with "state = 'delivering'" in the WHERE
- * (which makes the partial index recipients_lease usable), the planner
- * read every recipient being delivered instead of these few through the
- * primary key; and "id = ANY(ids)" made the cached generic plan, when
- * built while the table was small, a sequential scan for good.  A range
- * of the primary key is an index scan in every case.  claimed_by = $2
- * implies state = 'delivering' (sql/010_queue_performance.sql,
- * recipients_claim_delivering).
+ * The results of one or several jobs in one statement and one commit: $1
+ * the recipients of all, $2 worker, $3 the message ids (text[]), $4 the
+ * attempt rows of all (each with its message_id), $5 and $6 the smallest
+ * and largest recipient id (the jobs of a batch are chosen so that the
+ * range stays short, SG_DLV_RECORD_SPAN).  It returns the messages whose
+ * recipients were still claimed by this worker.
+ *
+ * json_to_recordset() is estimated at 100 rows: without the range, or with
+ * "state = 'delivering'" in the WHERE (which makes the partial index
+ * recipients_lease usable), the planner read every recipient being
+ * delivered instead of these few through the primary key; and "id =
+ * ANY(ids)" made the cached generic plan, when built while the table was
+ * small, a sequential scan for good.  A range of the primary key is an
+ * index scan in every case.  claimed_by = $2 implies state = 'delivering'
+ * (sql/010_queue_performance.sql, recipients_claim_delivering).
  */
 #define SG_DLV_RECORD_SQL                                                    \
     "WITH r AS (SELECT * FROM json_to_recordset($1::json) AS x(id bigint,"   \
@@ -581,21 +593,22 @@ static sg_dlv_worker_t  sg_dlv;
     "  dsn_status = r.status, dsn_action = r.action,"                        \
     "  dsn_remote_mta = r.remote, dsn_due = r.dsn_due"                       \
     "  FROM r WHERE t.id BETWEEN $5::bigint AND $6::bigint AND t.id = r.id"  \
-    "  AND t.claimed_by = $2 RETURNING t.id),"                               \
+    "  AND t.claimed_by = $2 RETURNING t.message_id),"                               \
     " a AS (INSERT INTO delivery_attempts (message_id, recipients,"          \
     "  started_at, ended_at, destination, mx_host, ip, port, tls_level,"     \
     "  tls_rule, tls_reason, starttls, tls_protocol, tls_cipher,"            \
     "  tls_verify, tls_host_match, tls_result_type, result, reply, worker,"  \
     "  policy_type, policy_domain, policy_id, policy_mode, policy_text,"     \
     "  policy_result_type, policy_reason, requirements)"                     \
-    "  SELECT $3, x.recipients, to_timestamp(x.started),"                    \
+    "  SELECT x.message_id, x.recipients, to_timestamp(x.started),"          \
     "  to_timestamp(x.ended), x.destination, x.mx_host, x.ip::inet, x.port," \
     "  x.tls_level, x.tls_rule, x.tls_reason, x.starttls, x.tls_protocol,"   \
     "  x.tls_cipher, x.tls_verify, x.tls_host_match, x.tls_result_type,"     \
     "  x.result, x.reply, $2, x.policy_type, x.policy_domain, x.policy_id,"  \
     "  x.policy_mode, x.policy_text, x.policy_result_type, x.policy_reason," \
     "  x.requirements"                                                       \
-    "  FROM json_to_recordset($4::json) AS x(recipients text[],"             \
+    "  FROM json_to_recordset($4::json) AS x(message_id text,"               \
+    "  recipients text[],"                                                   \
     "  started double precision, ended double precision, destination text,"  \
     "  mx_host text, ip text, port integer, tls_level text,"                 \
     "  tls_rule integer, tls_reason text, starttls boolean,"                 \
@@ -604,8 +617,14 @@ static sg_dlv_worker_t  sg_dlv;
     "  reply text, policy_type text, policy_domain text, policy_id text,"    \
     "  policy_mode text, policy_text text, policy_result_type text,"         \
     "  policy_reason text, requirements jsonb)),"                            \
-    " m AS (UPDATE messages SET last_attempt_at = now() WHERE id = $3)"      \
-    " SELECT count(*) FROM u"
+    " m AS (UPDATE messages SET last_attempt_at = now()"                     \
+    "  WHERE id = ANY($3::text[]))"                                          \
+    " SELECT DISTINCT message_id FROM u"
+
+/* results statements running per worker; jobs done meanwhile wait */
+#define SG_DLV_RECORD_RUNNING   1
+#define SG_DLV_RECORD_BATCH     64       /* jobs per results statement */
+#define SG_DLV_RECORD_SPAN      4096     /* largest - smallest id in one */
 
 #define SG_DLV_RELEASE_SQL                                                   \
     "UPDATE recipients SET state = 'deferred', claimed_by = NULL,"           \
@@ -3477,35 +3496,77 @@ sg_dlv_retry_in(sg_dlv_job_t *job, sg_dlv_rcpt_t *r)
 }
 
 
+/*
+ * Group commit of results: while a results statement runs, the jobs that
+ * finish meanwhile wait and are recorded together, in one statement.
+ */
+
+static struct {
+    ngx_queue_t          waiting;            /* sg_dlv_job_t.record */
+    ngx_uint_t           running;
+    unsigned             init:1;
+} sg_dlv_rec;
+
+
+typedef struct {
+    ngx_uint_t           n;
+    sg_dlv_job_t        *jobs[SG_DLV_RECORD_BATCH];
+    u_char               ids[SG_DLV_RECORD_BATCH * 17 + 2];  /* {ID,...} */
+} sg_dlv_record_batch_t;
+
+
 static void
 sg_dlv_job_record(sg_dlv_job_t *job)
 {
-    char           *rj, *aj;
-    int64_t         lo, hi;
-    json_t         *rows, *row;
+    if (!sg_dlv_rec.init) {
+        ngx_queue_init(&sg_dlv_rec.waiting);
+        sg_dlv_rec.init = 1;
+    }
+
+    job->recording = 1;
+
+    if (sg_dlv_rec.running < SG_DLV_RECORD_RUNNING) {
+        sg_dlv_job_record_alone(job);
+        return;
+    }
+
+    /* a results statement runs: its handler sends these */
+    ngx_queue_insert_tail(&sg_dlv_rec.waiting, &job->record);
+}
+
+
+static void
+sg_dlv_job_record_alone(sg_dlv_job_t *job)
+{
+    if (sg_dlv_record_batch(&job, 1) == NGX_OK) {
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
+                  "sg delivery: %s: cannot record the results now,"
+                  " trying again", job->id);
+
+    sg_dlv_job_retry_later(job);
+}
+
+
+/* the recipients' rows of one job, appended to rows */
+
+static ngx_int_t
+sg_dlv_job_rows(sg_dlv_job_t *job, json_t *rows, int64_t *lo, int64_t *hi)
+{
+    json_t         *row;
     ngx_uint_t      i;
-    const char     *params[6];
     sg_dlv_rcpt_t  *r;
-    char            min[NGX_INT64_LEN + 1], max[NGX_INT64_LEN + 1];
 
     static const char  *states[] = { "deferred", "delivered", "deferred",
                                      "bounced" };
 
-    job->recording = 1;
-
-    rows = json_array();
-    if (rows == NULL) {
-        goto retry;
-    }
-
-    lo = job->rcpts[0].id;
-    hi = lo;
-
     for (i = 0; i < job->nrcpts; i++) {
         r = &job->rcpts[i];
 
-        lo = ngx_min(lo, r->id);
-        hi = ngx_max(hi, r->id);
+        *lo = ngx_min(*lo, r->id);
+        *hi = ngx_max(*hi, r->id);
 
         row = json_pack("{s:I, s:s, s:s, s:s, s:s?, s:s%, s:I, s:b}",
                         "id", (json_int_t) r->id,
@@ -3520,49 +3581,11 @@ sg_dlv_job_record(sg_dlv_job_t *job)
                         "dsn_due", (int) r->dsn_due);
 
         if (row == NULL || json_array_append_new(rows, row) != 0) {
-            json_decref(rows);
-            goto retry;
+            return NGX_ERROR;
         }
     }
 
-    *ngx_sprintf((u_char *) min, "%L", lo) = '\0';
-    *ngx_sprintf((u_char *) max, "%L", hi) = '\0';
-
-    rj = json_dumps(rows, JSON_COMPACT);
-    aj = json_dumps(job->attempts, JSON_COMPACT);
-    json_decref(rows);
-
-    if (rj == NULL || aj == NULL) {
-        free(rj);
-        free(aj);
-        goto retry;
-    }
-
-    params[0] = rj;
-    params[1] = sg_dlv.worker_id;
-    params[2] = (char *) job->id;
-    params[3] = aj;
-    params[4] = min;
-    params[5] = max;
-
-    i = (sg_pg_exec(sg_worker.pg, &sg_dlv_record_stmt, 6, params,
-                    sg_dlv_job_recorded, job)
-         == NGX_OK);
-
-    free(rj);
-    free(aj);
-
-    if (i) {
-        return;
-    }
-
-retry:
-
-    ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
-                  "sg delivery: %s: cannot record the results now,"
-                  " trying again", job->id);
-
-    sg_dlv_job_retry_later(job);
+    return NGX_OK;
 }
 
 
@@ -3599,6 +3622,203 @@ sg_dlv_job_retry_handler(ngx_event_t *ev)
 }
 
 
+/* after a results statement: the jobs that waited for it go, together */
+
+static void
+sg_dlv_record_next(void)
+{
+    int64_t        lo, hi, jlo, jhi;
+    ngx_uint_t     i, n;
+    ngx_queue_t   *q, *next;
+    sg_dlv_job_t  *job, *jobs[SG_DLV_RECORD_BATCH];
+
+    while (sg_dlv_rec.running < SG_DLV_RECORD_RUNNING
+           && !ngx_queue_empty(&sg_dlv_rec.waiting))
+    {
+        /* the first waiting job, and those whose ids keep the range short */
+
+        n = 0;
+        lo = 0;
+        hi = 0;
+
+        for (q = ngx_queue_head(&sg_dlv_rec.waiting);
+             q != ngx_queue_sentinel(&sg_dlv_rec.waiting)
+             && n < SG_DLV_RECORD_BATCH;
+             q = next)
+        {
+            next = ngx_queue_next(q);
+            job = ngx_queue_data(q, sg_dlv_job_t, record);
+
+            jlo = job->rcpts[0].id;
+            jhi = jlo;
+
+            for (i = 0; i < job->nrcpts; i++) {
+                jlo = ngx_min(jlo, job->rcpts[i].id);
+                jhi = ngx_max(jhi, job->rcpts[i].id);
+            }
+
+            if (n && (ngx_max(hi, jhi) - ngx_min(lo, jlo)
+                      > SG_DLV_RECORD_SPAN))
+            {
+                continue;
+            }
+
+            lo = n ? ngx_min(lo, jlo) : jlo;
+            hi = n ? ngx_max(hi, jhi) : jhi;
+
+            ngx_queue_remove(q);
+            jobs[n++] = job;
+        }
+
+        if (n == 1 || sg_dlv_record_batch(jobs, n) != NGX_OK) {
+            for (i = 0; i < n; i++) {
+                sg_dlv_job_record_alone(jobs[i]);
+            }
+        }
+    }
+}
+
+
+/* one results statement for n jobs (n may be 1) */
+
+static ngx_int_t
+sg_dlv_record_batch(sg_dlv_job_t **jobs, ngx_uint_t n)
+{
+    char                   *rj, *aj;
+    u_char                 *p;
+    json_t                 *rows, *attempts, *a;
+    size_t                  k;
+    int64_t                 lo, hi;
+    ngx_int_t               rc;
+    ngx_uint_t              i;
+    const char             *params[6];
+    sg_dlv_record_batch_t  *b;
+    char                    min[NGX_INT64_LEN + 1], max[NGX_INT64_LEN + 1];
+
+    b = ngx_alloc(sizeof(sg_dlv_record_batch_t), sg_dlv.log);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    rows = json_array();
+    attempts = json_array();
+    rc = (rows && attempts) ? NGX_OK : NGX_ERROR;
+
+    lo = jobs[0]->rcpts[0].id;
+    hi = lo;
+
+    /* the message ids as a text[] literal: {ID,ID,...} (hex digits) */
+
+    b->n = n;
+    p = ngx_cpymem(b->ids, "{", 1);
+
+    for (i = 0; rc == NGX_OK && i < n; i++) {
+        b->jobs[i] = jobs[i];
+        p = ngx_sprintf(p, "%s%s", i ? "," : "", jobs[i]->id);
+
+        if (sg_dlv_job_rows(jobs[i], rows, &lo, &hi) != NGX_OK) {
+            rc = NGX_ERROR;
+            break;
+        }
+
+        json_array_foreach(jobs[i]->attempts, k, a) {
+            if (json_object_set_new(a, "message_id",
+                                    json_string((char *) jobs[i]->id))
+                != 0
+                || json_array_append(attempts, a) != 0)
+            {
+                rc = NGX_ERROR;
+                break;
+            }
+        }
+    }
+
+    *p++ = '}';
+    *p = '\0';
+
+    rj = (rc == NGX_OK) ? json_dumps(rows, JSON_COMPACT) : NULL;
+    aj = (rc == NGX_OK) ? json_dumps(attempts, JSON_COMPACT) : NULL;
+    json_decref(rows);
+    json_decref(attempts);
+
+    if (rj == NULL || aj == NULL) {
+        free(rj);
+        free(aj);
+        ngx_free(b);
+        return NGX_ERROR;
+    }
+
+    *ngx_sprintf((u_char *) min, "%L", lo) = '\0';
+    *ngx_sprintf((u_char *) max, "%L", hi) = '\0';
+
+    params[0] = rj;
+    params[1] = sg_dlv.worker_id;
+    params[2] = (char *) b->ids;
+    params[3] = aj;
+    params[4] = min;
+    params[5] = max;
+
+    rc = sg_pg_exec(sg_worker.pg, &sg_dlv_record_stmt, 6, params,
+                    sg_dlv_record_batch_done, b);
+
+    free(rj);
+    free(aj);
+
+    if (rc != NGX_OK) {
+        ngx_free(b);
+        return NGX_ERROR;
+    }
+
+    sg_dlv_rec.running++;
+
+    return NGX_OK;
+}
+
+
+static void
+sg_dlv_record_batch_done(void *data, PGresult *res, const char *err,
+    const char *sqlstate)
+{
+    sg_dlv_record_batch_t  *b = data;
+
+    ngx_uint_t  i, alone;
+
+    sg_dlv_rec.running--;
+    sg_dlv_record_next();
+
+    /*
+     * An error of the server rolled the whole batch back: each job is
+     * recorded again alone (sg_dlv_job_recorded handles refused attempt
+     * rows per job).  After a lost connection or a timeout each job tries
+     * again later, as a single statement would.
+     */
+
+    alone = b->n > 1
+            && err && sqlstate && sqlstate[0]
+            && ngx_strncmp(sqlstate, "08", 2) != 0
+            && ngx_strncmp(sqlstate, "53", 2) != 0
+            && ngx_strncmp(sqlstate, "57", 2) != 0
+            && ngx_strncmp(sqlstate, "58", 2) != 0;
+
+    if (alone) {
+        ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
+                      "sg delivery: cannot record the results of %ui jobs"
+                      " together, recording each alone: %s", b->n, err);
+    }
+
+    for (i = 0; i < b->n; i++) {
+        if (alone) {
+            sg_dlv_job_record_alone(b->jobs[i]);
+
+        } else {
+            sg_dlv_job_recorded(b->jobs[i], res, err, sqlstate);
+        }
+    }
+
+    ngx_free(b);
+}
+
+
 static void
 sg_dlv_job_recorded(void *data, PGresult *res, const char *err,
     const char *sqlstate)
@@ -3632,7 +3852,13 @@ sg_dlv_job_recorded(void *data, PGresult *res, const char *err,
         return;
     }
 
-    if (PQntuples(res) == 1 && PQgetvalue(res, 0, 0)[0] == '0') {
+    for (i = 0; i < (ngx_uint_t) PQntuples(res); i++) {
+        if (ngx_strcmp(PQgetvalue(res, i, 0), job->id) == 0) {
+            break;
+        }
+    }
+
+    if (i == (ngx_uint_t) PQntuples(res)) {
         /* the claim ran out meanwhile and another worker took it */
         ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
                       "sg delivery: %s: results not recorded: the claim"

@@ -5,6 +5,14 @@
  * most) and then an unlinked temporary file; content filter rules run on
  * the envelope and the header fields; the message and all its recipients
  * are inserted by one statement, and only its success is answered 250.
+ *
+ * Group commit: while a worker's receive commit runs, the messages that
+ * become ready meanwhile wait and then go together, in one statement and
+ * one transaction (one WAL flush for all of them).  Each client is still
+ * answered 250 only after that commit; if the batch fails with an error
+ * of the server (one bad message), each message is tried again alone, so
+ * that only the bad one gets its 451; if the connection is lost or the
+ * statement times out, each gets 451, as a single commit would.
  */
 
 #include <ngx_config.h>
@@ -36,8 +44,72 @@
     " RETURNING message_id"
 
 
+/*
+ * The same for several messages: $1 a JSON array with one array per
+ * message, the parameters of NGX_MAIL_SG_COMMIT_SQL (null in place of the
+ * body's two); $2 the bodies (Received: field and message), bytea[] in
+ * binary format, in the same order.
+ */
+#define NGX_MAIL_SG_COMMIT_BATCH_SQL                                         \
+    "WITH e AS (SELECT v, n FROM json_array_elements($1::json)"              \
+    "  WITH ORDINALITY AS e(v, n)),"                                         \
+    " b AS (SELECT body, n FROM unnest($2::bytea[])"                         \
+    "  WITH ORDINALITY AS b(body, n)),"                                      \
+    " m AS ("                                                                \
+    " INSERT INTO messages (id, sender, size, body, body_type, smtputf8,"    \
+    "  dsn_ret, dsn_envid, requiretls, requiretls_sources,"                 \
+    "  content_filter_rule_id, tls_required_no, client_ip, client_port,"    \
+    "  client_name, helo, esmtp, tls_protocol, tls_cipher, listener)"       \
+    " SELECT v->>0, v->>1, (v->>2)::bigint, b.body, v->>5,"                  \
+    "  (v->>6)::boolean, v->>7, v->>8, (v->>9)::boolean,"                    \
+    "  ARRAY(SELECT json_array_elements_text((v->>10)::json)),"             \
+    "  (v->>11)::bigint, (v->>12)::boolean, (v->>13)::inet,"                 \
+    "  (v->>14)::integer, v->>15, v->>16, (v->>17)::boolean, v->>18,"        \
+    "  v->>19, v->>20"                                                       \
+    " FROM e JOIN b ON b.n = e.n"                                            \
+    " RETURNING id)"                                                         \
+    " INSERT INTO recipients (message_id, address, original_address,"       \
+    "  domain, local_domain, dsn_notify, dsn_orcpt)"                         \
+    " SELECT m.id, r.address, r.original, r.domain, r.local, r.notify,"     \
+    "  r.orcpt FROM m JOIN e ON e.v->>0 = m.id,"                             \
+    "  json_to_recordset((e.v->>21)::json) AS r(address text,"              \
+    "  original text, domain text, local boolean, notify text, orcpt text)" \
+    " RETURNING message_id"
+
+#define NGX_MAIL_SG_COMMIT_PARAMS   22
+
+/*
+ * Receive commits running per worker: the messages that are ready while
+ * they run wait and go together.  One leaves the pool's other
+ * connections to delivery.
+ */
+#define NGX_MAIL_SG_COMMITS_RUNNING  1
+
+/* messages per batch; a body in a temporary file (> 64 KiB) goes alone */
+#define NGX_MAIL_SG_BATCH_MAX        64
+
+
+typedef struct {
+    ngx_uint_t           n;
+    ngx_mail_sg_ctx_t   *ctx[NGX_MAIL_SG_BATCH_MAX];
+    char                *json;          /* from json_dumps() */
+    u_char              *bodies;
+} ngx_mail_sg_batch_t;
+
+
+typedef struct {
+    ngx_queue_t          waiting;       /* ngx_mail_sg_ctx_t */
+    ngx_uint_t           running;
+    unsigned             init:1;
+} ngx_mail_sg_commits_t;
+
+
 static sg_pg_stmt_t  ngx_mail_sg_commit_stmt =
     SG_PG_STMT("sg_commit", NGX_MAIL_SG_COMMIT_SQL);
+static sg_pg_stmt_t  ngx_mail_sg_commit_batch_stmt =
+    SG_PG_STMT("sg_commit_batch", NGX_MAIL_SG_COMMIT_BATCH_SQL);
+
+static ngx_mail_sg_commits_t  ngx_mail_sg_commits;
 
 
 static void ngx_mail_sg_header(void *data, const char *name,
@@ -56,8 +128,17 @@ static ngx_int_t ngx_mail_sg_received(ngx_mail_session_t *s,
     ngx_mail_sg_ctx_t *ctx);
 static ngx_int_t ngx_mail_sg_commit(ngx_mail_session_t *s,
     ngx_mail_sg_ctx_t *ctx);
+static ngx_int_t ngx_mail_sg_commit_submit(ngx_mail_sg_ctx_t *ctx);
+static ngx_int_t ngx_mail_sg_commit_one(ngx_mail_sg_ctx_t *ctx);
+static void ngx_mail_sg_commit_next(void);
+static ngx_int_t ngx_mail_sg_commit_batch(ngx_mail_sg_batch_t *batch);
 static void ngx_mail_sg_committed(void *data, PGresult *res,
     const char *err, const char *sqlstate);
+static void ngx_mail_sg_batch_committed(void *data, PGresult *res,
+    const char *err, const char *sqlstate);
+static void ngx_mail_sg_batch_free(ngx_mail_sg_batch_t *batch);
+static void ngx_mail_sg_commit_answer(ngx_mail_sg_ctx_t *ctx,
+    ngx_uint_t rows, const char *err);
 static void ngx_mail_sg_unmap(void *data);
 static char *ngx_mail_sg_cstr(ngx_pool_t *pool, ngx_str_t *s);
 static char *ngx_mail_sg_json(ngx_pool_t *pool, json_t *j);
@@ -537,7 +618,6 @@ ngx_mail_sg_commit(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
     u_char               *body;
     size_t                body_len;
     ngx_str_t             listener;
-    ngx_int_t             rc;
     ngx_uint_t            i, requiretls;
     json_t               *ja, *js;
     ngx_connection_t     *c;
@@ -703,17 +783,300 @@ ngx_mail_sg_commit(ngx_mail_session_t *s, ngx_mail_sg_ctx_t *ctx)
 
 #undef sg_p
 
-    rc = sg_pg_exec_params(sg_worker.pg, &ngx_mail_sg_commit_stmt, 22, p,
+    ctx->commit_params = p;
+
+    return ngx_mail_sg_commit_submit(ctx);
+}
+
+
+/*
+ * NGX_OK: the commit's handler will answer the client (now or after the
+ * commits running); NGX_ERROR: not queued, the caller answers 451.
+ */
+
+static ngx_int_t
+ngx_mail_sg_commit_submit(ngx_mail_sg_ctx_t *ctx)
+{
+    ngx_mail_sg_commits_t  *cm;
+
+    cm = &ngx_mail_sg_commits;
+
+    if (!cm->init) {
+        ngx_queue_init(&cm->waiting);
+        cm->init = 1;
+    }
+
+    if (cm->running < NGX_MAIL_SG_COMMITS_RUNNING || ctx->tf) {
+        return ngx_mail_sg_commit_one(ctx);
+    }
+
+    /* a commit runs (so a handler will come and send these) */
+
+    if (sg_pg_up(sg_worker.pg) == 0) {
+        return NGX_ERROR;
+    }
+
+    ngx_queue_insert_tail(&cm->waiting, &ctx->commit_queue);
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_mail_sg_commit_one(ngx_mail_sg_ctx_t *ctx)
+{
+    ngx_int_t  rc;
+
+    rc = sg_pg_exec_params(sg_worker.pg, &ngx_mail_sg_commit_stmt,
+                           NGX_MAIL_SG_COMMIT_PARAMS, ctx->commit_params,
                            ngx_mail_sg_committed, ctx);
 
     if (rc != NGX_OK) {
-        ngx_log_error(NGX_LOG_ERR, c->log, 0,
+        ngx_log_error(NGX_LOG_ERR, ctx->session->connection->log, 0,
                       "sg: cannot queue the message: postgresql: %s",
                       sg_pg_last_error(sg_worker.pg));
         return NGX_ERROR;
     }
 
+    ngx_mail_sg_commits.running++;
+
     return NGX_OK;
+}
+
+
+/* after a commit: the messages that waited for it go, together */
+
+static void
+ngx_mail_sg_commit_next(void)
+{
+    ngx_uint_t              i;
+    ngx_queue_t            *q;
+    ngx_mail_sg_ctx_t      *ctx;
+    ngx_mail_sg_batch_t    *batch;
+    ngx_mail_sg_commits_t  *cm;
+
+    cm = &ngx_mail_sg_commits;
+
+    while (cm->running < NGX_MAIL_SG_COMMITS_RUNNING
+           && !ngx_queue_empty(&cm->waiting))
+    {
+        batch = ngx_calloc(sizeof(ngx_mail_sg_batch_t), ngx_cycle->log);
+
+        while (!ngx_queue_empty(&cm->waiting)
+               && (batch == NULL || batch->n < NGX_MAIL_SG_BATCH_MAX))
+        {
+            q = ngx_queue_head(&cm->waiting);
+            ngx_queue_remove(q);
+            ctx = ngx_queue_data(q, ngx_mail_sg_ctx_t, commit_queue);
+
+            if (batch == NULL) {
+                /* out of memory: this one gets its 451 */
+                ngx_mail_sg_commit_answer(ctx, 0, "out of memory");
+                continue;
+            }
+
+            batch->ctx[batch->n++] = ctx;
+        }
+
+        if (batch == NULL) {
+            return;
+        }
+
+        if (batch->n == 1) {
+            ctx = batch->ctx[0];
+            ngx_free(batch);
+
+            if (ngx_mail_sg_commit_one(ctx) != NGX_OK) {
+                ngx_mail_sg_commit_answer(ctx, 0, "postgresql unavailable");
+            }
+
+            continue;
+        }
+
+        if (ngx_mail_sg_commit_batch(batch) != NGX_OK) {
+            ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                          "sg: cannot queue %ui messages: postgresql: %s",
+                          batch->n, sg_pg_last_error(sg_worker.pg));
+
+            for (i = 0; i < batch->n; i++) {
+                ngx_mail_sg_commit_answer(batch->ctx[i], 0,
+                                          "postgresql unavailable");
+            }
+
+            ngx_mail_sg_batch_free(batch);
+        }
+    }
+}
+
+
+/* the parameters of each message as one JSON array, the bodies as bytea[] */
+
+static ngx_int_t
+ngx_mail_sg_commit_batch(ngx_mail_sg_batch_t *batch)
+{
+    u_char             *b;
+    size_t              len, n;
+    uint32_t            v;
+    json_t             *all, *one;
+    ngx_int_t           rc;
+    ngx_uint_t          i, k;
+    sg_pg_param_t      *p, params[2];
+
+    all = json_array();
+    if (all == NULL) {
+        return NGX_ERROR;
+    }
+
+    len = 5 * 4;
+
+    for (i = 0; i < batch->n; i++) {
+        p = batch->ctx[i]->commit_params;
+        len += 4 + p[3].len + p[4].len;
+
+        one = json_array();
+        if (one == NULL || json_array_append_new(all, one) != 0) {
+            json_decref(all);
+            return NGX_ERROR;
+        }
+
+        for (k = 0; k < NGX_MAIL_SG_COMMIT_PARAMS; k++) {
+            if (k == 3 || k == 4 || p[k].data == NULL) {
+                rc = json_array_append_new(one, json_null());
+
+            } else {
+                rc = json_array_append_new(one,
+                         json_stringn_nocheck(p[k].data,
+                                              ngx_strlen(p[k].data)));
+            }
+
+            if (rc != 0) {
+                json_decref(all);
+                return NGX_ERROR;
+            }
+        }
+    }
+
+    batch->json = json_dumps(all, JSON_COMPACT);
+    json_decref(all);
+
+    batch->bodies = ngx_alloc(len, ngx_cycle->log);
+
+    if (batch->json == NULL || batch->bodies == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* array_recv(): ndim, has nulls, element type, size, lower bound */
+
+    b = batch->bodies;
+
+#define sg_put32(x)  v = htonl((uint32_t) (x)); b = ngx_cpymem(b, &v, 4)
+
+    sg_put32(1);
+    sg_put32(0);
+    sg_put32(17);                                    /* BYTEAOID */
+    sg_put32(batch->n);
+    sg_put32(1);
+
+    for (i = 0; i < batch->n; i++) {
+        p = batch->ctx[i]->commit_params;
+        n = p[3].len + p[4].len;
+
+        sg_put32(n);
+        b = ngx_cpymem(b, p[3].data, p[3].len);
+        b = ngx_cpymem(b, p[4].data, p[4].len);
+    }
+
+#undef sg_put32
+
+    ngx_memzero(params, sizeof(params));
+    params[0].data = batch->json;
+    params[1].data = (const char *) batch->bodies;
+    params[1].len = len;
+    params[1].binary = 1;
+
+    rc = sg_pg_exec_params(sg_worker.pg, &ngx_mail_sg_commit_batch_stmt, 2,
+                           params, ngx_mail_sg_batch_committed, batch);
+
+    if (rc != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    ngx_mail_sg_commits.running++;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_mail_sg_batch_committed(void *data, PGresult *res, const char *err,
+    const char *sqlstate)
+{
+    ngx_mail_sg_batch_t  *batch = data;
+
+    int                 j, nrows;
+    ngx_uint_t          i, rows, alone;
+    ngx_mail_sg_ctx_t  *ctx;
+
+    ngx_mail_sg_commits.running--;
+    ngx_mail_sg_commit_next();
+
+    /*
+     * An error of the server rolled the whole batch back: one bad message
+     * must not cost the others their 250, each goes again alone.  Not
+     * after a lost connection or a timeout (the batch may have committed),
+     * nor when the server is short of resources or shutting down.
+     */
+
+    alone = err && sqlstate && sqlstate[0]
+            && ngx_strncmp(sqlstate, "08", 2) != 0
+            && ngx_strncmp(sqlstate, "53", 2) != 0
+            && ngx_strncmp(sqlstate, "57", 2) != 0
+            && ngx_strncmp(sqlstate, "58", 2) != 0;
+
+    if (err) {
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "sg: cannot queue %ui messages together: %s%s",
+                      batch->n, err, alone ? ", trying each alone" : "");
+    }
+
+    nrows = res ? PQntuples(res) : 0;
+
+    for (i = 0; i < batch->n; i++) {
+        ctx = batch->ctx[i];
+
+        if (alone) {
+            if (ngx_mail_sg_commit_one(ctx) != NGX_OK) {
+                ngx_mail_sg_commit_answer(ctx, 0, "postgresql unavailable");
+            }
+
+            continue;
+        }
+
+        rows = 0;
+
+        for (j = 0; !err && j < nrows; j++) {
+            if (ngx_strcmp(PQgetvalue(res, j, 0), ctx->queue_id) == 0) {
+                rows++;
+            }
+        }
+
+        ngx_mail_sg_commit_answer(ctx, rows, err);
+    }
+
+    ngx_mail_sg_batch_free(batch);
+}
+
+
+static void
+ngx_mail_sg_batch_free(ngx_mail_sg_batch_t *batch)
+{
+    free(batch->json);
+
+    if (batch->bodies) {
+        ngx_free(batch->bodies);
+    }
+
+    ngx_free(batch);
 }
 
 
@@ -721,7 +1084,20 @@ static void
 ngx_mail_sg_committed(void *data, PGresult *res, const char *err,
     const char *sqlstate)
 {
-    ngx_mail_sg_ctx_t   *ctx = data;
+    ngx_mail_sg_ctx_t  *ctx = data;
+
+    ngx_mail_sg_commits.running--;
+    ngx_mail_sg_commit_next();
+
+    ngx_mail_sg_commit_answer(ctx, err ? 0 : (ngx_uint_t) PQntuples(res),
+                              err);
+}
+
+
+static void
+ngx_mail_sg_commit_answer(ngx_mail_sg_ctx_t *ctx, ngx_uint_t rows,
+    const char *err)
+{
     ngx_mail_session_t  *s;
 
     s = ctx->session;
@@ -732,7 +1108,7 @@ ngx_mail_sg_committed(void *data, PGresult *res, const char *err,
      * the message (a 354 among them): the answer goes after them.
      */
 
-    if (err || PQntuples(res) != (int) ctx->rcpts->nelts) {
+    if (err || rows != ctx->rcpts->nelts) {
         ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
                       "sg: cannot queue message %s: %s", ctx->queue_id,
                       err ? err : "recipients missing");

@@ -1223,6 +1223,68 @@ def test_no_250_without_queued_message_across_restart(sg_instance,
     assert {f["id"]: f["n"] for f in found} == {q: 2 for q in ok}
 
 
+def test_group_commit_one_bad_message(sg_instance, local_domain, pg):
+    """Messages ready while a commit runs are committed together; each is
+    still answered 250 only once it is in the queue. One message the
+    server refuses (here by a trigger) fails the batch: each is tried
+    again alone and only that one gets 451 4.3.0."""
+    inst = wait_ready(sg_instance(workers=1))
+    sender = marker()
+    helos = ["good%d.example" % i for i in range(6)]
+    helos.insert(3, "refused.example")
+    sessions = []
+    lock = pg.connect()
+    lock.autocommit = True
+    with lock.cursor() as cur:
+        cur.execute(
+            "CREATE FUNCTION sg_test_refuse() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$BEGIN IF NEW.helo = 'refused.example' AND NEW.sender = %s"
+            " THEN RAISE EXCEPTION 'refused by the test'; END IF;"
+            " RETURN NEW; END$$", (sender,))
+        cur.execute("CREATE TRIGGER sg_test_refuse BEFORE INSERT ON messages"
+                    " FOR EACH ROW EXECUTE FUNCTION sg_test_refuse()")
+    lock.autocommit = False
+    try:
+        for i, helo in enumerate(helos):
+            s = Session(inst.smtp_port)
+            sessions.append(s)
+            s.send(b"EHLO " + helo.encode("latin-1") + b"\r\n")
+            assert s.reply()[0] == 250
+            r = s.pipeline(["MAIL FROM:<%s>" % sender, "RCPT TO:<%s>" % RCPT,
+                            "DATA"])
+            assert codes(r) == [250, 250, 354], r
+        # the first commit waits for the lock, the others wait for it
+        with lock.cursor() as cur:
+            cur.execute("LOCK TABLE messages IN SHARE MODE")
+        for i, s in enumerate(sessions):
+            s.send(b"Subject: batch %d\r\n\r\nbody %d\r\n.\r\n" % (i, i))
+            time.sleep(0.3 if i == 0 else 0.02)
+        time.sleep(0.3)
+        lock.rollback()
+        replies = [s.reply() for s in sessions]
+    finally:
+        lock.rollback()
+        lock.autocommit = True
+        with lock.cursor() as cur:
+            cur.execute("DROP TRIGGER sg_test_refuse ON messages")
+            cur.execute("DROP FUNCTION sg_test_refuse()")
+        lock.close()
+        for s in sessions:
+            s.close()
+    for i, (helo, r) in enumerate(zip(helos, replies)):
+        if helo.startswith("refused"):
+            assert r[0] == 451 and last(r).startswith("451 4.3.0"), r
+            continue
+        assert r[0] == 250, (helo, r)
+        check_queued(pg, queue_id(r), sender, [RCPT],
+                     b"Subject: batch %d\r\n\r\nbody %d\r\n" % (i, i), helo)
+    assert count_from(pg, sender) == len(helos) - 1
+    with open(inst.error_log, errors="replace") as f:
+        text = f.read()
+    assert re.search(r"cannot queue 6 messages together: .*trying each alone",
+                     text, re.S), text[-2000:]
+
+
 def test_message_pipelined_with_data_command(srv, pg):
     """RFC 2920, 3.1: a client may send the message right behind DATA in
     the same write; every command still gets its own reply, in order:
