@@ -369,6 +369,10 @@ sg_dsn_check(const sg_dsn_t *dsn, sg_dsn_plan_t *plan, size_t *reported)
         return "the original message is missing";
     }
 
+    if (dsn->message_total != 0 && dsn->message_total < dsn->message_len) {
+        return "the original message is longer than its stated length";
+    }
+
     if (dsn->nrcpts > SG_DSN_RCPTS_MAX) {
         return "too many recipients for one DSN";
     }
@@ -455,14 +459,16 @@ sg_dsn_check_rcpt(const sg_dsn_rcpt_t *r)
 static void
 sg_dsn_plan_original(const sg_dsn_t *dsn, sg_dsn_plan_t *plan)
 {
-    size_t                n, line;
-    const unsigned char  *p, *end, *body;
+    size_t                n, line, total;
+    const unsigned char  *p, *end, *body, *last;
 
     p = dsn->message;
     end = p + dsn->message_len;
+    total = dsn->message_total ? dsn->message_total : dsn->message_len;
 
     /* RFC 5322, 2.1: the header section ends at the first empty line */
     body = NULL;
+    last = p;                           /* after the last complete line */
 
     while (p < end) {
         n = sg_dsn_eol(p, end);
@@ -476,14 +482,24 @@ sg_dsn_plan_original(const sg_dsn_t *dsn, sg_dsn_plan_t *plan)
             p++;
         }
 
-        p += sg_dsn_eol(p, end);
+        n = sg_dsn_eol(p, end);
+        p += n;
+
+        if (n) {
+            last = p;
+        }
+    }
+
+    if (body == NULL && total > dsn->message_len) {
+        /* only part of a long header section is here: whole lines of it */
+        p = last;
     }
 
     plan->hdr_len = (size_t) (p - dsn->message);
 
     if (body != NULL) {
         plan->body_off = (size_t) (body - dsn->message);
-        plan->body_len = (size_t) (end - body);
+        plan->body_len = total - plan->body_off;
     }
 
     if (!plan->any_failed) {
@@ -500,7 +516,10 @@ sg_dsn_plan_original(const sg_dsn_t *dsn, sg_dsn_plan_t *plan)
     } else if (dsn->ret == SG_DSN_RET_HDRS) {
         plan->returned = SG_DSN_RETURN_RET_HDRS;
 
-    } else if (dsn->max_return != 0 && plan->body_len > dsn->max_return) {
+    } else if ((dsn->max_return != 0 && plan->body_len > dsn->max_return)
+               || total > dsn->message_len)
+    {
+        /* a body too large, or a header section longer than was given */
         plan->returned = SG_DSN_RETURN_TOO_BIG;
 
     } else {

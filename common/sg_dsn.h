@@ -111,6 +111,12 @@ typedef struct {
     /* the original message: header section, CRLF CRLF, body */
     const unsigned char  *message;
     size_t             message_len;
+    /*
+     * message may be only the first message_len octets of the original
+     * (a DSN returns at most its header section and max_return octets of
+     * body): message_total is the original's full length (0: message_len)
+     */
+    size_t             message_total;
     size_t             max_return;      /* body octets; 0: no limit */
 
     const sg_dsn_rcpt_t  *rcpts;

@@ -93,12 +93,16 @@ struct sg_dlv_job_s {
     sg_client_txn_t     *sending;            /* the transaction under way */
     unsigned             recording:1;        /* outcomes are final: the
                                                 results statement has them */
+    unsigned             lapsed:1;           /* its claim may have run out:
+                                                it is not sent */
     json_t              *attempts;           /* rows for delivery_attempts */
     sg_client_txn_t     *txn;                /* the transaction an attempt
                                                 row is written for, or NULL:
                                                 the pending recipients */
     double               started;
-    ngx_msec_t           claimed;            /* its lease was set */
+    ngx_msec_t           claimed;            /* its claim was sent: the
+                                                lease runs from then at
+                                                the latest */
     ngx_event_t          retry;              /* recording failed: again */
     ngx_uint_t           retries;
     ngx_queue_t          record;             /* waiting to be recorded */
@@ -197,8 +201,10 @@ typedef struct {
 
     ngx_event_t          poll;
     ngx_event_t          lease;
-    ngx_msec_t           lease_ok;           /* the leases were last
-                                                renewed */
+    ngx_msec_t           lease_ok;           /* the last renewal of the
+                                                leases that succeeded was
+                                                sent */
+    ngx_msec_t           claim_sent;         /* the claim under way */
     ngx_connection_t     dummy;
     ngx_connection_t    *quit;               /* "idle": told when a
                                                 graceful shutdown starts */
@@ -251,6 +257,8 @@ static void sg_dlv_dest_routed(void *data, sg_dns_route_t *route);
 static void sg_dlv_dest_policy(void *data, sg_sts_answer_t *answer);
 static ngx_str_t *sg_dlv_policy_domain(sg_dlv_dest_t *dest);
 static void sg_dlv_release_at_exit(ngx_cycle_t *cycle);
+static u_char *sg_dlv_rcpt_ids(u_char *p, u_char *last, sg_dlv_job_t *job,
+    ngx_uint_t pending_only, size_t *n);
 static void sg_dlv_sess_not_sent(sg_dlv_sess_t *sess, const char *status,
     const char *reply);
 static void sg_dlv_route_release(sg_dlv_dest_t *dest, sg_dns_route_t *route,
@@ -659,9 +667,18 @@ static sg_pg_stmt_t  sg_dlv_release_stmt =
     "   AND m.received_at < now() - $1 * interval '1 second'))"              \
     " LIMIT " ngx_value(SG_DLV_DSN_BATCH)
 
+/*
+ * A DSN returns at most 64 KiB of the original's body, so only the first
+ * octets of the original are read: enough for a header section of 1 MiB
+ * (sg_smtp_max_header_size is 64k by default) and that much body.
+ */
+#define SG_DLV_DSN_RETURN_MAX    65536
+#define SG_DLV_DSN_ORIGINAL_MAX  (1024 * 1024 + SG_DLV_DSN_RETURN_MAX + 2)
+
 #define SG_DLV_DSN_LOAD_SQL                                                  \
     "SELECT m.sender, coalesce(m.dsn_ret, ''), coalesce(m.dsn_envid, ''),"   \
-    " m.requiretls, extract(epoch FROM m.received_at)::bigint, m.body,"      \
+    " m.requiretls, extract(epoch FROM m.received_at)::bigint,"              \
+    " substring(m.body FROM 1 FOR $4::integer),"                             \
     " (SELECT coalesce(json_agg(json_build_object('id', r.id,"               \
     "   'address', r.address, 'notify', r.dsn_notify, 'orcpt', r.dsn_orcpt," \
     "   'action', CASE WHEN r.dsn_due THEN r.dsn_action ELSE 'delayed' END,"\
@@ -676,7 +693,7 @@ static sg_pg_stmt_t  sg_dlv_release_stmt =
     "   OR (r.state = 'deferred' AND NOT r.delay_notified"                   \
     "    AND r.dsn_notify LIKE '%DELAY%'"                                    \
     "    AND m.received_at < now() - $3 * interval '1 second')))::text"      \
-    " FROM messages m WHERE m.id = $1"
+    ", octet_length(m.body) FROM messages m WHERE m.id = $1"
 
 /*
  * Queue a DSN: the reported recipients are marked first and the DSN is
@@ -999,6 +1016,30 @@ sg_dlv_exit_process(ngx_cycle_t *cycle)
  * (nginx's master kills a worker that takes more than about a second).
  */
 
+/*
+ * The ids of a job's recipients (those not sent yet only, or all) added
+ * to a bigint[] literal being written; *n counts the ids written so far.
+ */
+
+static u_char *
+sg_dlv_rcpt_ids(u_char *p, u_char *last, sg_dlv_job_t *job,
+    ngx_uint_t pending_only, size_t *n)
+{
+    ngx_uint_t  i;
+
+    for (i = 0; i < job->nrcpts; i++) {
+        if (pending_only && job->rcpts[i].state != SG_RCPT_PENDING) {
+            continue;
+        }
+
+        p = ngx_slprintf(p, last, "%s%L", *n ? "," : "", job->rcpts[i].id);
+        (*n)++;
+    }
+
+    return p;
+}
+
+
 static void
 sg_dlv_release_at_exit(ngx_cycle_t *cycle)
 {
@@ -1006,7 +1047,6 @@ sg_dlv_release_at_exit(ngx_cycle_t *cycle)
     size_t           n;
     PGconn          *conn;
     PGresult        *res;
-    ngx_uint_t       i;
     ngx_queue_t     *q;
     sg_dlv_job_t    *job;
     sg_core_conf_t  *scf;
@@ -1060,13 +1100,7 @@ sg_dlv_release_at_exit(ngx_cycle_t *cycle)
             continue;
         }
 
-        for (i = 0; i < job->nrcpts; i++) {
-            if (job->rcpts[i].state == SG_RCPT_PENDING) {
-                p = ngx_slprintf(p, last, "%s%L", n ? "," : "",
-                                 job->rcpts[i].id);
-                n++;
-            }
-        }
+        p = sg_dlv_rcpt_ids(p, last, job, 1, &n);
     }
 
     p = ngx_slprintf(p, last, "}%Z");
@@ -1267,8 +1301,10 @@ sg_dlv_lease_handler(ngx_event_t *ev)
     params[0] = sg_dlv.worker_id;
     params[1] = sg_dlv.lease_param;
 
+    /* the lease runs from when the statement is sent, at the latest */
     (void) sg_pg_exec(sg_worker.pg, &sg_dlv_lease_stmt, 2, params,
-                      sg_dlv_lease_done, NULL);
+                      sg_dlv_lease_done,
+                      (void *) (uintptr_t) ngx_current_msec);
 
     ngx_add_timer(&sg_dlv.lease, sg_dlv.conf->lease / 3);
 }
@@ -1278,13 +1314,50 @@ static void
 sg_dlv_lease_done(void *data, PGresult *res, const char *err,
     const char *sqlstate)
 {
+    ngx_msec_t     sent, since;
+    ngx_queue_t   *q;
+    sg_dlv_job_t  *job;
+
     if (err) {
         ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
                       "sg delivery: cannot renew leases: %s", err);
         return;
     }
 
-    sg_dlv.lease_ok = ngx_current_msec;
+    sent = (ngx_msec_t) (uintptr_t) data;
+
+    /*
+     * A claim lasts at least a lease from when the claim or a renewal that
+     * succeeded was sent (since).  This renewal ran at the latest now (it
+     * may have waited for PostgreSQL): a job whose claim was not renewed
+     * within a lease before now may have run out meanwhile, and another
+     * worker may have released and claimed its recipients.  It is not
+     * sent (its recipients are tried again at once).  docs/design.md,
+     * "Delivered twice".
+     */
+    for (q = ngx_queue_head(&sg_dlv.all_jobs);
+         q != ngx_queue_sentinel(&sg_dlv.all_jobs);
+         q = ngx_queue_next(q))
+    {
+        job = ngx_queue_data(q, sg_dlv_job_t, all);
+        since = ngx_max(job->claimed, sg_dlv.lease_ok);
+
+        if (!job->lapsed
+            && (ngx_msec_int_t) (ngx_current_msec - since)
+               >= (ngx_msec_int_t) sg_dlv.conf->lease)
+        {
+            job->lapsed = 1;
+            ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
+                          "sg delivery: %s: its claim was not renewed for"
+                          " %M ms (PostgreSQL unavailable) and may have"
+                          " been taken over: it is not sent", job->id,
+                          ngx_current_msec - since);
+        }
+    }
+
+    if ((ngx_msec_int_t) (sent - sg_dlv.lease_ok) > 0) {
+        sg_dlv.lease_ok = sent;
+    }
 
     if (PQntuples(res) == 1 && ngx_atoi((u_char *) PQgetvalue(res, 0, 1),
                                         PQgetlength(res, 0, 1)) > 0)
@@ -1348,6 +1421,7 @@ sg_dlv_claim(void)
     }
 
     sg_dlv.claiming = 1;
+    sg_dlv.claim_sent = ngx_current_msec;
     sg_dlv.again = 0;
 }
 
@@ -1493,7 +1567,7 @@ sg_dlv_claimed_job(PGresult *res, int *rows, ngx_uint_t nrows,
     }
 
     job->pool = pool;
-    job->claimed = ngx_current_msec;
+    job->claimed = sg_dlv.claim_sent;
     ngx_queue_insert_tail(&sg_dlv.all_jobs, &job->all);
     job->dest = dest;
     ngx_memcpy(job->id, PQgetvalue(res, i, 1), 16);
@@ -2603,16 +2677,18 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
     info = sg_client_info(sess->client);
 
     /*
-     * PostgreSQL has not renewed the job's claim for two renewal periods:
-     * it may run out soon, and another worker may then claim and send the
-     * message too.  Not sent; the claim comes back (docs/design.md,
-     * "Delivered twice").
+     * PostgreSQL has not renewed the job's claim for two renewal periods
+     * (it may run out soon), or renewed it only after it may have run out
+     * (lapsed): another worker may then claim and send the message too.
+     * Not sent; the claim comes back (docs/design.md, "Delivered twice").
      */
     since = ngx_max(job->claimed, sg_dlv.lease_ok);
 
-    if (ngx_current_msec - since
-        > sg_dlv.conf->lease - sg_dlv.conf->lease / 3)
+    if (job->lapsed
+        || ngx_current_msec - since
+           > sg_dlv.conf->lease - sg_dlv.conf->lease / 3)
     {
+        job->lapsed = 1;            /* due again at once */
         ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,
                       "sg delivery: %s: not sent: its claim was not renewed"
                       " for %M ms (PostgreSQL unavailable)", job->id,
@@ -3479,6 +3555,11 @@ sg_dlv_retry_in(sg_dlv_job_t *job, sg_dlv_rcpt_t *r)
 
     dcf = sg_dlv.conf;
 
+    if (job->lapsed) {
+        /* not sent for sg's own reason: no attempt to wait for */
+        return 0;
+    }
+
     step = r->attempts ? r->attempts - 1 : 0;
     if (step >= dcf->nschedule) {
         step = dcf->nschedule - 1;
@@ -3926,7 +4007,8 @@ static void
 sg_dlv_release(void)
 {
     u_char          *p, *last;
-    ngx_uint_t       i, n;
+    size_t           k;
+    ngx_uint_t       n;
     ngx_queue_t     *q;
     ngx_rbtree_node_t *node;
     sg_dlv_job_t    *job;
@@ -3990,6 +4072,7 @@ sg_dlv_release(void)
     p = ids;
     last = ids + size;
     *p++ = '{';
+    k = 0;
 
     node = ngx_rbtree_min(sg_dlv.dests.root, sg_dlv.dests.sentinel);
 
@@ -4003,11 +4086,7 @@ sg_dlv_release(void)
             ngx_queue_remove(q);
             dest->njobs--;
 
-            for (i = 0; i < job->nrcpts; i++) {
-                p = ngx_slprintf(p, last, "%s%L", p == ids + 1 ? "" : ",",
-                                 job->rcpts[i].id);
-            }
-
+            p = sg_dlv_rcpt_ids(p, last, job, 0, &k);
             sg_dlv_job_free(job);
         }
 
@@ -4337,7 +4416,8 @@ static void
 sg_dlv_dsn_next(void)
 {
     char         until[NGX_TIME_T_LEN + 1], age[NGX_TIME_T_LEN + 1];
-    const char  *params[3];
+    char         prefix[NGX_SIZE_T_LEN + 1];
+    const char  *params[4];
 
     if (sg_dlv_dsn_pool) {
         ngx_destroy_pool(sg_dlv_dsn_pool);
@@ -4350,12 +4430,15 @@ sg_dlv_dsn_next(void)
                      sg_dlv.conf->max_lifetime);
         ngx_snprintf((u_char *) age, sizeof(age) - 1, "%T%Z",
                      sg_dlv.conf->delay_notice);
+        ngx_snprintf((u_char *) prefix, sizeof(prefix) - 1, "%uz%Z",
+                     (size_t) SG_DLV_DSN_ORIGINAL_MAX);
 
         params[0] = (char *) sg_dlv_dsn_ids[sg_dlv_dsn_i++];
         params[1] = until;
         params[2] = age;
+        params[3] = prefix;
 
-        if (sg_pg_query(sg_worker.pg, SG_DLV_DSN_LOAD_SQL, 3, params,
+        if (sg_pg_query(sg_worker.pg, SG_DLV_DSN_LOAD_SQL, 4, params,
                         sg_dlv_dsn_loaded, NULL)
             == NGX_OK)
         {
@@ -4575,7 +4658,9 @@ sg_dlv_dsn_loaded(void *data, PGresult *res, const char *err,
     dsn.now = ngx_time();
     dsn.message = body;
     dsn.message_len = body_len;
-    dsn.max_return = 65536;
+    dsn.message_total = ngx_atosz((u_char *) PQgetvalue(res, 0, 7),
+                                  PQgetlength(res, 0, 7));
+    dsn.max_return = SG_DLV_DSN_RETURN_MAX;
     dsn.rcpts = rcpts;
     dsn.nrcpts = nrows;
 

@@ -853,6 +853,41 @@ def test_dsn_options_ret_envid_orcpt_and_notify_never(W):
         sink.stop()
 
 
+def test_dsn_of_a_large_message_returns_its_header_section_only(W):
+    """RFC 3461, 4.3: with RET=FULL the DSN returns the whole message only
+    up to 64 KiB of body; a 2 MB message comes back as its header section
+    (text/rfc822-headers, RFC 6522), complete, and the DSN stays small."""
+    sink = SmtpSink(rcpt_reply="550 5.1.1 unknown")
+    try:
+        dom = W.sink_mx(sink)
+        big = mail_text(sender="alice@sender.test", rcpts=["gil@" + dom],
+                        subject="a large one", size=2 * 1000 * 1000,
+                        headers=[("X-Last-Header", "still here")])
+        small = mail_text(sender="alice@sender.test", rcpts=["hoa@" + dom],
+                          subject="a small one", size=60 * 1000)
+        qbig = send(W, "gil@" + dom, msg=big, mail_options=("RET=FULL",))
+        qsmall = send(W, "hoa@" + dom, msg=small, mail_options=("RET=FULL",))
+
+        (txn,) = dsns_for(W, qbig)
+        _, rcpts, parts = dsn_parts(txn)
+        assert rcpts[0]["Status"] == "5.1.1"
+        assert parts[2].get_content_type() == "text/rfc822-headers"
+        returned = parts[2].get_payload()
+        assert "Subject: a large one" in returned
+        assert "X-Last-Header: still here" in returned
+        assert "x" * 76 not in returned
+        assert "too large to be returned" in \
+            parts[0].get_payload().replace("\r\n", " ")
+        assert len(txn.data) < 64 * 1024
+
+        (txn,) = dsns_for(W, qsmall)
+        _, _, parts = dsn_parts(txn)
+        assert parts[2].get_content_type() == "message/rfc822"
+        assert ("x" * 76).encode() in txn.data
+    finally:
+        sink.stop()
+
+
 def test_notify_success_relayed_when_the_next_hop_lacks_dsn(W):
     """RFC 3461, 6.2.1: NOTIFY=SUCCESS to a next hop without DSN: sg
     reports "relayed"; a next hop with DSN gets NOTIFY and reports

@@ -643,6 +643,44 @@ def test_postgresql_outage_longer_than_the_lease(W):
         sink.stop()
 
 
+def test_a_claim_that_lapsed_in_an_outage_is_not_sent_by_its_worker(W):
+    """Issue 4, item 1 (several workers) and docs/design.md "Delivered
+    twice": a worker has claimed a message and waits for a slow greeting
+    when PostgreSQL goes away for longer than sg_delivery_lease (3 s).
+    When it is back, the claim may be released and taken by the other
+    worker, which delivers the message; the first worker, when its
+    greeting finally comes, does not send (its claim lapsed) and says so.
+    The MX gets the message once, and the queue ends delivered."""
+    class FirstOnly(dict):
+        """The banner delay of the first connection only."""
+        def get(self, key, default=None):
+            return self.pop(key, default)
+
+    sink = SmtpSink(delays=FirstOnly(banner=12))
+    try:
+        with W.instance(workers=2) as inst:
+            dom = W.sink_mx(sink)
+            qid = send(W, "ria@" + dom)
+            sink.wait_sessions(1, timeout=20)
+            W.pg.stop()
+            time.sleep(4)               # longer than the lease
+            W.pg.start()
+            e = wait_final(W, qid, timeout=60)
+            assert states(e) == {"ria@" + dom: "delivered"}
+            with open(inst.error_log, errors="replace") as f:
+                log = f.read()
+            assert "%s: its claim was not renewed" % qid in log
+            time.sleep(3)               # a second copy would come by now
+            # one transaction in all: the lapsed job sent no MAIL (the
+            # job that delivered may have used the same connection)
+            assert [t.rcpts[0].address for t in sink.transactions] == \
+                ["ria@" + dom], sink.dump()
+    finally:
+        if not W.pg.is_running():
+            W.pg.start()
+        sink.stop()
+
+
 def test_kill_9_after_the_final_dot_may_deliver_twice(W):
     """docs/design.md "Delivered twice": a worker killed after the final
     dot was sent but before the 250 was recorded (the sink holds its

@@ -573,32 +573,19 @@ def test_policy_host_with_only_tls_1_1_is_refused(env):
     ctx.maximum_version = ssl.TLSVersion.TLSv1_1
     ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     ctx.load_cert_chain(cert, key)
-    ip = loopback_host(443)
-    srv = socket.create_server((ip, 443))
-    srv.settimeout(0.5)
     seen = {"hello": 0, "request": b""}
-    stop = threading.Event()
 
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    first = conn.recv(5, socket.MSG_PEEK)
-                    seen["hello"] += (first[:1] == b"\x16")
-                    with ctx.wrap_socket(conn, server_side=True) as tls:
-                        seen["request"] += tls.recv(4096)
-                except (OSError, ssl.SSLError):
-                    pass
+    def serve(conn):
+        try:
+            first = conn.recv(5, socket.MSG_PEEK)
+            seen["hello"] += (first[:1] == b"\x16")
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                seen["request"] += tls.recv(4096)
+        except (OSError, ssl.SSLError):
+            pass
 
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
+    srv = Listener443(serve)
+    ip = srv.ip
     try:
         env.set_txt(domain, ["v=STSv1; id=t11"], reload=False)
         env.records["hosts"]["mta-sts." + domain] = [ip]
@@ -612,9 +599,7 @@ def test_policy_host_with_only_tls_1_1_is_refused(env):
         assert seen["hello"] >= 1          # the client did try TLS
         assert seen["request"] == b""      # and sent no request in it
     finally:
-        stop.set()
         srv.close()
-        t.join(5)
 
 
 # an OpenSSL configuration that allows TLS 1.0 and every cipher: with it,
@@ -665,13 +650,13 @@ def parse_client_hello(data):
     return out
 
 
-class HelloCatcher:
-    """A TCP listener on ip:443 that reads one ClientHello per connection
-    and closes it (no TLS is ever answered)."""
+class Listener443:
+    """A TCP listener on a loopback ip:443 whose thread hands each accepted
+    connection (5 s timeout) to handle(conn), then closes it."""
 
-    def __init__(self):
+    def __init__(self, handle):
         self.ip = loopback_host(443)
-        self.hellos = []
+        self._handle = handle
         self._srv = socket.create_server((self.ip, 443))
         self._srv.settimeout(0.5)
         self._stop = threading.Event()
@@ -688,22 +673,34 @@ class HelloCatcher:
                 return
             with conn:
                 conn.settimeout(5)
-                data = b""
-                try:
-                    while len(data) < 5 or len(data) < 5 + int.from_bytes(
-                            data[3:5], "big"):
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                except OSError:
-                    pass
-                self.hellos.append(data)
+                self._handle(conn)
 
     def close(self):
         self._stop.set()
         self._srv.close()
         self._thread.join(5)
+
+
+class HelloCatcher(Listener443):
+    """Reads one ClientHello per connection and closes it (no TLS is ever
+    answered)."""
+
+    def __init__(self):
+        self.hellos = []
+        super().__init__(self._catch)
+
+    def _catch(self, conn):
+        data = b""
+        try:
+            while len(data) < 5 or len(data) < 5 + int.from_bytes(
+                    data[3:5], "big"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            pass
+        self.hellos.append(data)
 
 
 def test_client_hello_offers_only_tls_1_2_and_up(env, pg, redis_srv):

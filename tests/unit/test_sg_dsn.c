@@ -580,6 +580,41 @@ test_headers_only(void)
           && res.returned == SG_DSN_RETURN_FULL,
           "RFC 3461 4.3 a body at the limit is returned");
     free(b.data);
+
+    /* only the first octets of the original are given */
+    d.max_return = 1000;
+    d.message_len = strstr(T_ORIGINAL, "SECRET") - T_ORIGINAL + 3;
+    d.message_total = sizeof(T_ORIGINAL) - 1;
+
+    CHECK(t_build(&d, &b, &res) == SG_DSN_OK
+          && res.returned == SG_DSN_RETURN_TOO_BIG
+          && t_part(&b, 2, &h, &p)
+          && t_line(p.data, p.len, "Subject: lunch") != NULL
+          && strstr(b.data, "SEC") == NULL,
+          "a prefix of the original: its header section only");
+    free(b.data);
+
+    d.max_return = 5;
+    d.message_total = d.message_len + 1000;
+
+    CHECK(t_build(&d, &b, &res) == SG_DSN_OK
+          && res.returned == SG_DSN_RETURN_TOO_BIG,
+          "a prefix: the body's size is the original's, not the prefix's");
+    free(b.data);
+
+    /* a header section longer than the prefix: whole lines of it */
+    d.message_len = strstr(T_ORIGINAL, "Subject: lunch") - T_ORIGINAL + 4;
+
+    CHECK(t_build(&d, &b, &res) == SG_DSN_OK
+          && res.returned == SG_DSN_RETURN_TOO_BIG
+          && t_part(&b, 2, &h, &p)
+          && strstr(p.data, "Subj") == NULL,
+          "a prefix inside the header section: its complete lines only");
+    free(b.data);
+
+    d.message_total = d.message_len - 1;
+    CHECK(t_build(&d, &b, &res) == SG_DSN_ERR_INVALID,
+          "a stated length shorter than the message is refused");
 }
 
 
