@@ -500,6 +500,17 @@ sg_pg_last_error(sg_pg_pool_t *pool)
 }
 
 
+ngx_uint_t
+sg_pg_refused(const char *err, const char *sqlstate)
+{
+    return err && sqlstate && sqlstate[0]
+           && ngx_strncmp(sqlstate, "08", 2) != 0
+           && ngx_strncmp(sqlstate, "53", 2) != 0
+           && ngx_strncmp(sqlstate, "57", 2) != 0
+           && ngx_strncmp(sqlstate, "58", 2) != 0;
+}
+
+
 static ngx_uint_t
 sg_pg_connecting(sg_pg_pool_t *pool)
 {

@@ -117,5 +117,13 @@ ngx_int_t sg_pg_listen(sg_pg_pool_t *pool, const char *channel,
 ngx_uint_t sg_pg_up(sg_pg_pool_t *pool);
 const char *sg_pg_last_error(sg_pg_pool_t *pool);
 
+/*
+ * The server refused the statement itself (nothing of it was committed):
+ * an error with an SQLSTATE outside the classes of a lost connection (08),
+ * of resources (53), of an operator or shutdown (57) and of the system
+ * (58), after which the statement may or may not have committed.
+ */
+ngx_uint_t sg_pg_refused(const char *err, const char *sqlstate);
+
 
 #endif /* _SG_PG_H_INCLUDED_ */

@@ -3874,12 +3874,7 @@ sg_dlv_record_batch_done(void *data, PGresult *res, const char *err,
      * again later, as a single statement would.
      */
 
-    alone = b->n > 1
-            && err && sqlstate && sqlstate[0]
-            && ngx_strncmp(sqlstate, "08", 2) != 0
-            && ngx_strncmp(sqlstate, "53", 2) != 0
-            && ngx_strncmp(sqlstate, "57", 2) != 0
-            && ngx_strncmp(sqlstate, "58", 2) != 0;
+    alone = b->n > 1 && sg_pg_refused(err, sqlstate);
 
     if (alone) {
         ngx_log_error(NGX_LOG_WARN, sg_dlv.log, 0,

@@ -1027,11 +1027,7 @@ ngx_mail_sg_batch_committed(void *data, PGresult *res, const char *err,
      * nor when the server is short of resources or shutting down.
      */
 
-    alone = err && sqlstate && sqlstate[0]
-            && ngx_strncmp(sqlstate, "08", 2) != 0
-            && ngx_strncmp(sqlstate, "53", 2) != 0
-            && ngx_strncmp(sqlstate, "57", 2) != 0
-            && ngx_strncmp(sqlstate, "58", 2) != 0;
+    alone = sg_pg_refused(err, sqlstate);
 
     if (err) {
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
