@@ -1342,7 +1342,9 @@ sg_dlv_lease_done(void *data, PGresult *res, const char *err,
         job = ngx_queue_data(q, sg_dlv_job_t, all);
         since = ngx_max(job->claimed, sg_dlv.lease_ok);
 
-        if (!job->lapsed
+        /* a transaction under way or done goes on: too late to hold it */
+
+        if (!job->lapsed && !job->recording && job->sending == NULL
             && (ngx_msec_int_t) (ngx_current_msec - since)
                >= (ngx_msec_int_t) sg_dlv.conf->lease)
         {

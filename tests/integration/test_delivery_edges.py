@@ -681,6 +681,80 @@ def test_a_claim_that_lapsed_in_an_outage_is_not_sent_by_its_worker(W):
         sink.stop()
 
 
+def test_results_batch_refused_is_recorded_job_by_job(W):
+    """Group commit of results (docs/design.md): jobs that finish while a
+    results statement runs are recorded together. Here the first
+    statement waits on a row lock held by the test, five jobs finish
+    meanwhile, and their batch is refused by PostgreSQL (a trigger
+    refuses the attempt rows of two of them with a check violation).
+    Each job is then recorded alone: the three good ones with their
+    attempt rows, the two refused ones without them; every recipient ends
+    delivered, once."""
+    first_sink, sink = SmtpSink(), SmtpSink()
+    conn = W.pg.connect()
+    conn.autocommit = True
+    # the waiting statement holds its recipients' rows, and the lease
+    # renewal waits for them: more connections, and a lease that outlasts
+    # the wait, so that the other jobs go on meanwhile
+    conf = EDGE_CONF.replace("sg_delivery_lease 3s;",
+                             "sg_delivery_lease 60s;") \
+        + "sg_postgres_pool 4;\n"
+    try:
+        stack = contextlib.ExitStack()
+        stack.enter_context(W.instance(extra_main=conf))
+        d1, d2 = W.sink_mx(first_sink), W.sink_mx(sink)
+        q1 = send(W, "first@" + d1)
+        # the first job's results statement waits for this lock
+        conn.autocommit = False
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM messages WHERE id = %s FOR UPDATE",
+                        (q1,))
+        first_sink.wait_messages(1, timeout=20)
+        time.sleep(0.5)                 # its statement is waiting now
+        rcpts = ["b%d@%s" % (i, d2) for i in range(5)]
+        qids = [send(W, r) for r in rcpts]
+        bad = qids[1:3]
+        with conn.cursor() as cur:
+            cur.execute(
+                "CREATE FUNCTION sg_test_refuse_attempt() RETURNS trigger"
+                " LANGUAGE plpgsql AS $$BEGIN"
+                " IF NEW.message_id = ANY(%s) THEN RAISE EXCEPTION"
+                " 'attempt refused by the test' USING ERRCODE = '23514';"
+                " END IF; RETURN NEW; END$$", (bad,))
+            cur.execute("CREATE TRIGGER sg_test_refuse_attempt BEFORE INSERT"
+                        " ON delivery_attempts FOR EACH ROW EXECUTE FUNCTION"
+                        " sg_test_refuse_attempt()")
+        # the trigger's commit ends the lock: not before the five are done
+        sink.wait_messages(5, timeout=30)
+        time.sleep(0.5)
+        conn.commit()
+        e1 = wait_final(W, q1)
+        assert states(e1) == {"first@" + d1: "delivered"}
+        for qid, rcpt in zip(qids, rcpts):
+            e = wait_final(W, qid)
+            assert states(e) == {rcpt: "delivered"}, e
+            assert e["recipients"][0]["attempts"] == 1, e
+            assert len(e["attempts"]) == (0 if qid in bad else 1), e
+        assert sorted(t.rcpts[0].address for t in sink.messages) == rcpts
+        with open(W.inst.error_log, errors="replace") as f:
+            log = f.read()
+        assert "cannot record the results of 5 jobs together" in log, \
+            "\n".join(l for l in log.splitlines() if "sg delivery" in l and "debug" not in l)
+        for qid in bad:
+            assert "%s: the attempt rows are refused" % qid in log
+    finally:
+        conn.rollback()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("DROP TRIGGER IF EXISTS sg_test_refuse_attempt"
+                        " ON delivery_attempts")
+            cur.execute("DROP FUNCTION IF EXISTS sg_test_refuse_attempt()")
+        conn.close()
+        stack.close()
+        first_sink.stop()
+        sink.stop()
+
+
 def test_kill_9_after_the_final_dot_may_deliver_twice(W):
     """docs/design.md "Delivered twice": a worker killed after the final
     dot was sent but before the 250 was recorded (the sink holds its
