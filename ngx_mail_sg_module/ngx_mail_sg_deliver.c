@@ -2023,7 +2023,7 @@ sg_dlv_route_release(sg_dlv_dest_t *dest, sg_dns_route_t *route,
 
 
 /*
- * RFC 8461, 4: the policy of the recipient domain; through a route or to
+ * RFC 8461, 3.4: the policy of the recipient domain; through a route or to
  * an internal server, of the host sg connects to (an address literal has
  * none).  The same name is the one looked up in DNS.
  */

@@ -358,27 +358,33 @@ def test_dns_failure_defers(W):
 
 def test_per_recipient_results_and_one_dsn_per_message(W):
     """RFC 5321, 4.2: 2xx delivered, 5xx bounced, 4xx deferred and retried;
-    one DSN for the message, once nothing is pending (RFC 3464)."""
-    sink = SmtpSink(rcpt_replies={
-        "no@x": "550 5.1.1 no such user",
-        "later@x": ReplySequence("451 4.2.1 try later", "250 2.1.5 Ok"),
-    })
+    one DSN for the message with a block for each failed recipient, once
+    nothing is pending (RFC 3464, 2.3)."""
+    sink = SmtpSink()
     try:
         dom = W.sink_mx(sink)
-        ok, no, later = "ok@" + dom, "no@" + dom, "later@" + dom
+        ok, no, full, later = ("ok@" + dom, "no@" + dom, "full@" + dom,
+                               "later@" + dom)
         sink.rcpt_replies = {no: "550 5.1.1 no such user",
+                             full: "553 5.1.3 bad destination mailbox address",
                              later: ReplySequence("451 4.2.1 try later",
                                                   "250 2.1.5 Ok")}
-        qid = send(W, [ok, no, later])
+        qid = send(W, [ok, no, full, later])
         e = wait_final(W, qid)
-        assert states(e) == {ok: "delivered", no: "bounced",
+        assert states(e) == {ok: "delivered", no: "bounced", full: "bounced",
                              later: "delivered"}
         by = {r["address"]: r for r in e["recipients"]}
         assert by[later]["attempts"] == 2
         assert by[no]["last_reply"].startswith("550 5.1.1")
         (txn,) = dsns_for(W, qid)
         _, rcpts, parts = dsn_parts(txn)
-        assert [r["Final-Recipient"] for r in rcpts] == ["rfc822; " + no]
+        assert sorted(r["Final-Recipient"] for r in rcpts) == \
+            ["rfc822; " + full, "rfc822; " + no]
+        rcpts = {r["Final-Recipient"]: r for r in rcpts}
+        assert rcpts["rfc822; " + full]["Status"] == "5.1.3"
+        assert "553 5.1.3 bad destination mailbox address" in \
+            rcpts["rfc822; " + full]["Diagnostic-Code"]
+        rcpts = [rcpts["rfc822; " + no]]
         assert rcpts[0]["Status"] == "5.1.1"
         assert rcpts[0]["Remote-MTA"] == "dns; mx." + dom
         assert "550 5.1.1 no such user" in rcpts[0]["Diagnostic-Code"]
@@ -488,6 +494,11 @@ def test_one_transaction_per_message_and_connection_reuse(W):
         assert sorted(r.address for r in sink.messages[0].rcpts) == \
             ["a@" + dom, "b@" + dom, "c@" + dom]
         assert sink.messages[0].session is sink.messages[1].session
+        # RFC 5321, 4.1.1.10: the idle connection ends with QUIT (after
+        # sg_delivery_idle_timeout, 1s here)
+        sink.wait_sessions(1, timeout=10, closed=True)
+        s = sink.sessions[0]
+        assert s.commands[-1].verb == "QUIT" and s.end == "quit", sink.dump()
     finally:
         sink.stop()
 
@@ -665,10 +676,19 @@ def test_required_list_by_ip_and_failed_handshake_defers(W):
         assert r.status_code == 201, r.text
         time.sleep(0.5)
         qid = send(W, "sam@" + dom)
-        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1)
-        assert e["attempts"][0]["tls_rule"] == 4
-        assert e["recipients"][0]["state"] != "delivered"
+        e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
+                       and e["recipients"][0]["state"] == "deferred")
+        a = e["attempts"][0]
+        assert a["tls_rule"] == 4
+        assert a["result"] in ("next_mx", "deferred"), a
+        # a clear reason: the required list, and what failed
+        assert a["tls_reason"] == \
+            "STARTTLS required list: STARTTLS must succeed", a
+        rcpt = e["recipients"][0]
+        assert "TLS handshake" in rcpt["last_reply"], rcpt
+        assert rcpt["dsn_status"].startswith("4."), rcpt
         assert not sink.messages
+        assert all(b"MAIL FROM" not in s.raw_clear for s in sink.sessions)
         api(W.inst, "DELETE", "/api/v1/starttls/required/%s" % r.json()["id"])
         api(W.inst, "DELETE", "/api/v1/queue/" + qid)
     finally:
@@ -707,8 +727,10 @@ def test_handshake_failure_retries_in_clear_and_lists_the_host(W):
     sink = SmtpSink(tls_fail=True)
     try:
         dom = W.sink_mx(sink)
+        before = time.time()
         qid = send(W, "uma@" + dom)
         e = wait_final(W, qid)
+        after = time.time()
         assert states(e) == {"uma@" + dom: "delivered"}
         assert [a["result"] for a in e["attempts"]] == ["retry_clear",
                                                         "delivered"]
@@ -717,8 +739,15 @@ def test_handshake_failure_retries_in_clear_and_lists_the_host(W):
         fl = api(W.inst, "GET", "/api/v1/tls-failures").json()["items"]
         item = [i for i in fl if i["host"] == "mx." + dom][0]
         assert item["ip"] == sink.host
-        exp = time.gmtime()
-        assert item["expires_at"].endswith(":00:00Z")
+        # the next full hour after the failure (the failure happened
+        # between before and after: either hour if they straddle one)
+        ends = {(int(t) // 3600 + 1) * 3600 for t in (before, after)}
+        assert item["expires_at"] in {
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(x))
+            for x in ends}, (item, ends)
+        # the Redis key expires then too (SET ... EXAT, redis/README.md)
+        ttl = W.redis.client().ttl("sg:tls-failure:mx." + dom)
+        assert any(abs(time.time() + ttl - x) <= 2 for x in ends), ttl
         n_sessions = len(sink.sessions)
         qid2 = send(W, "vic@" + dom)
         e2 = wait_final(W, qid2)
@@ -735,7 +764,6 @@ def test_handshake_failure_retries_in_clear_and_lists_the_host(W):
         assert e3["attempts"][0]["result"] == "retry_clear"
         assert "STARTTLS" in [c.verb for s in sink.sessions[n_sessions:]
                               for c in s.commands]
-        del exp
     finally:
         sink.stop()
 

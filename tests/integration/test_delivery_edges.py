@@ -351,6 +351,29 @@ def test_servfail_defers_with_a_reason_and_no_attempt_row(W):
     api(W.inst, "DELETE", "/api/v1/queue/" + qid)
 
 
+def test_dns_timeout_defers(W):
+    """Issue 4, item 2: a DNS server that never answers (timeouts) defers
+    the recipient with the reason, records no attempt and sends no
+    bounce. libunbound gives up by itself after its retries (it reports
+    SERVFAIL, about 20 s here); sg's own timer (30 s per lookup) ends the
+    wait if it does not."""
+    import dnsserver
+    with dnsserver.SilentServer().start() as silent:
+        with W.instance(resolver=silent.address):
+            qid = send(W, "ivy@timeout%d.example" % os.getpid())
+            e = wait_entry(W, qid, lambda e: e["recipients"][0]["state"]
+                           == "deferred", timeout=60)
+            rc = e["recipients"][0]
+            assert e["attempts"] == []
+            assert rc["dsn_status"] == "4.4.3", rc
+            assert rc["last_reply"] in (
+                "MX lookup for timeout%d.example: %s" % (os.getpid(), why)
+                for why in ("SERVFAIL", "no answer within 30000 ms")), rc
+            assert silent.received > 0
+            assert not dsns_for_quick(W, qid)
+            api(W.inst, "DELETE", "/api/v1/queue/" + qid)
+
+
 def dsns_for_quick(w, qid):
     return [t for t in w.dsn_sink.messages if qid.encode() in t.data]
 

@@ -323,7 +323,7 @@ def test_sts_fetch_error_delivers_as_without_policy(W, hosts, site,
 
 
 def test_sts_policy_domain_of_a_route_is_the_relay_host(W, hosts):
-    """Issue 4, item 2 (RFC 8461, 4): through a route, the policy is the
+    """Issue 4, item 2 (RFC 8461, 3.4): through a route, the policy is the
     relay host's, and the relay host is matched against it."""
     relay = "relay." + unique("stsrt")
     dom = unique("routed")
