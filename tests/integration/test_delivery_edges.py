@@ -351,6 +351,49 @@ def test_servfail_defers_with_a_reason_and_no_attempt_row(W):
     api(W.inst, "DELETE", "/api/v1/queue/" + qid)
 
 
+def test_bare_cr_and_lf_in_a_queued_body_leave_as_crlf(W):
+    """Issue 4, item 3: "CRLF normalization (never a bare CR or LF on the
+    wire)". sg's own SMTP server refuses bare CR and LF (smuggling), so
+    this body is written into the queue directly, as another program or
+    an older node could: bare LF, bare CR, CR CR LF, a line starting with
+    a dot after a bare LF, and no line end at the very end. On the wire
+    every line ends in CRLF (RFC 5321, 2.3.8), the dot is stuffed (4.5.2)
+    and the text is otherwise unchanged."""
+    sink = SmtpSink()
+    qid = secrets.token_hex(8).upper()
+    body = (b"Subject: raw\r\n\r\none\ntwo\rthree\r\r\n"
+            b"four\n.five\r\nsix")
+    try:
+        dom = W.sink_mx(sink)
+        conn = W.pg.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "INSERT INTO messages (id, sender, size, body, client_ip,"
+                    " helo, esmtp) VALUES (%s, 'alice@sender.test', %s, %s,"
+                    " '127.0.0.1', 'raw.test', true)",
+                    (qid, len(body), body))
+                cur.execute(
+                    "INSERT INTO recipients (message_id, address,"
+                    " original_address, domain, local_domain)"
+                    " VALUES (%s, %s, %s, %s, false)",
+                    (qid, "raw@" + dom, "raw@" + dom, dom))
+            conn.commit()
+        finally:
+            conn.close()
+        e = wait_final(W, qid)
+        assert states(e) == {"raw@" + dom: "delivered"}
+        (t,) = sink.messages
+        assert not t.bare_lf
+        raw = t.data_raw
+        assert b"\r" not in raw.replace(b"\r\n", b"")
+        assert b"\n" not in raw.replace(b"\r\n", b"")
+        assert raw.endswith(b"four\r\n..five\r\nsix\r\n"), raw
+        assert b"one\r\ntwo\r\nthree\r\n" in raw, raw
+    finally:
+        sink.stop()
+
+
 def test_dns_timeout_defers(W):
     """Issue 4, item 2: a DNS server that never answers (timeouts) defers
     the recipient with the reason, records no attempt and sends no
