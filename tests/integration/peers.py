@@ -677,6 +677,9 @@ class SmtpSink:
     tls                 (cert_file, key_file) for STARTTLS (e.g. ca.issue(..))
     tls_fail            answer 220 to STARTTLS then fail: True/"close" closes
                         the connection, "garbage" sends non-TLS bytes first
+    starttls_inject     bytes sent right after the 220 reply to STARTTLS, in
+                        the same sendall(), before the handshake (RFC 3207,
+                        4.2: a client must ignore them); default None
     tls_min_version, tls_max_version   "TLSv1".."TLSv1.3" or ssl.TLSVersion
     tls_ciphers         OpenSSL cipher string (TLS <= 1.2)
     mail_reply          reply to MAIL (default 250 2.1.0 Ok)
@@ -711,7 +714,8 @@ class SmtpSink:
 
     def __init__(self, host=None, port=None, *, hostname="sink.test",
                  banner=None, ehlo=None, ehlo_tls=None, helo_only=False,
-                 tls=None, tls_fail=False, tls_min_version=None,
+                 tls=None, tls_fail=False, starttls_inject=None,
+                 tls_min_version=None,
                  tls_max_version=None, tls_ciphers=None,
                  mail_reply=None, rcpt_replies=None, rcpt_reply=None,
                  max_rcpts=None, data_reply=None, final_reply=None,
@@ -730,6 +734,7 @@ class SmtpSink:
         self.helo_only = helo_only
         self.tls = tls
         self.tls_fail = tls_fail
+        self.starttls_inject = starttls_inject
         self.tls_min_version = tls_min_version
         self.tls_max_version = tls_max_version
         self.tls_ciphers = tls_ciphers
@@ -975,7 +980,7 @@ class _Handler:
                 on_progress(len(out))
         return bytes(out)
 
-    def send(self, text, step=None, cmd=None):
+    def send(self, text, step=None, cmd=None, extra=b""):
         delay = self.sink.delays.get(step) if step else None
         if delay:
             self.sink._stopping.wait(delay)
@@ -984,7 +989,7 @@ class _Handler:
         if cmd is not None:
             cmd.reply = wire.rstrip("\r\n")
         self.pre = len(self.buf)
-        self.sock.sendall(wire.encode("utf-8"))
+        self.sock.sendall(wire.encode("utf-8") + extra)
         if text.startswith("421"):
             raise _Drop("421")
 
@@ -1058,7 +1063,8 @@ class _Handler:
         if not (sk.tls or sk.tls_fail):
             return self.send("502 5.5.1 Error: command not implemented", None, cmd)
         reply = self.reply_for("STARTTLS", "220 2.0.0 Ready to start TLS", cmd)
-        self.send(reply, "starttls", cmd)
+        inject = sk.starttls_inject if reply.startswith("220") else None
+        self.send(reply, "starttls", cmd, extra=inject or b"")
         if not reply.startswith("220"):
             return
         # anything the client sent after STARTTLS in clear must be discarded
