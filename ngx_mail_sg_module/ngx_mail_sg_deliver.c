@@ -2834,6 +2834,7 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
 {
     sg_dlv_sess_t  *sess = data;
 
+    u_char             lost[256];
     ngx_uint_t         i, k, delivered, bounced, dsn_peer, more;
     const char        *result;
     sg_dlv_job_t      *job;
@@ -2919,13 +2920,14 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
         }
 
         if (reply == NULL || reply->code == 0) {
-            /* the connection failed in the transaction */
-            sg_dlv_rcpt_outcome(job, r, 451, "4.4.2",
-                                txn->data_sent
-                                ? "the connection was lost after the"
-                                  " message was sent; it is sent again"
-                                : "the connection was lost during the"
-                                  " transaction",
+            /* the connection failed in the transaction: say how */
+            ngx_snprintf(lost, sizeof(lost) - 1, "%s (%s)%Z",
+                         txn->data_sent
+                         ? "the connection was lost after the message was"
+                           " sent; it is sent again"
+                         : "the connection was lost during the transaction",
+                         info->reason ? info->reason : "closed");
+            sg_dlv_rcpt_outcome(job, r, 451, "4.4.2", (char *) lost,
                                 &sess->host_name, dsn_peer);
 
         } else {

@@ -692,6 +692,9 @@ class SmtpSink:
                         "250 2.0.0 Ok: queued as <hex>")
     replies             {VERB: reply} overrides for EHLO, HELO, STARTTLS, RSET,
                         NOOP, QUIT, VRFY, BDAT (non-LAST chunks), ...
+    stall_in_data       seconds to stop reading after the 354 reply (the
+                        client's writes then block once the socket buffers
+                        are full)
     drop_in_data        close mid-DATA after receiving message bytes: True =
                         after the first ones, an int = after at least that many
     drop_after_dot      close after the final '.' without replying
@@ -720,6 +723,7 @@ class SmtpSink:
                  mail_reply=None, rcpt_replies=None, rcpt_reply=None,
                  max_rcpts=None, data_reply=None, final_reply=None,
                  replies=None, drop_in_data=False, drop_after_dot=False,
+                 stall_in_data=None,
                  delays=None, timeout=60):
         if port is None:
             port = 25 if IS_ROOT else 0
@@ -746,6 +750,7 @@ class SmtpSink:
         self.final_reply = final_reply
         self.replies = replies or {}
         self.drop_in_data = drop_in_data
+        self.stall_in_data = stall_in_data
         self.drop_after_dot = drop_after_dot
         self.delays = delays or {}
         self.timeout = timeout
@@ -1170,6 +1175,8 @@ class _Handler:
         if not reply.startswith("3"):
             self.end_txn()
             return
+        if sk.stall_in_data:
+            sk._stopping.wait(sk.stall_in_data)
         raw, data = bytearray(), bytearray()
         txn.data_raw, txn.data = b"", b""
         try:

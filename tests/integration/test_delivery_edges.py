@@ -310,6 +310,43 @@ def test_silent_servers_time_out(W):
             s.stop()
 
 
+def test_data_initiation_and_data_block_timeouts(W):
+    """RFC 5321, 4.5.3.2.4: no 354 to DATA within the DATA-initiation
+    timeout, and 4.5.3.2.5: a write of message data that cannot complete
+    within the data-block timeout (the server stopped reading): each
+    ends the session, and the recipient is deferred with the reason. No
+    final dot was sent, so the message cannot have arrived."""
+    mute = SmtpSink(delays={"data": 60})
+    stalled = SmtpSink(stall_in_data=60)
+    conf = EDGE_CONF + ("sg_delivery_data_init_timeout 1s;\n"
+                        "sg_delivery_data_block_timeout 1s;\n")
+    try:
+        with W.instance(extra_main=conf):
+            for sink, rcpt, size, why in (
+                    (mute, "gia", None, "no reply in time"),
+                    (stalled, "hal", 20 * 1000 * 1000,
+                     "timed out while sending the message")):
+                dom = W.sink_mx(sink)
+                msg = mail_text(sender="alice@sender.test",
+                                rcpts=[rcpt + "@" + dom])
+                if size:                # mail_text(size=) is slow for MBs
+                    msg += ("x" * 76 + "\r\n") * (size // 78)
+                qid = send(W, rcpt + "@" + dom, msg=msg)
+                e = wait_entry(W, qid, lambda e: e["recipients"][0]["state"]
+                               == "deferred", timeout=60)
+                rc = e["recipients"][0]
+                assert rc["dsn_status"].startswith("4."), rc
+                assert rc["last_reply"] == ("the connection was lost during"
+                                            " the transaction (%s)" % why), rc
+                assert e["attempts"][0]["result"] in ("next_mx", "deferred")
+                assert not sink.messages
+                assert not any(t.complete for t in sink.transactions)
+                api(W.inst, "DELETE", "/api/v1/queue/" + qid)
+    finally:
+        mute.stop()
+        stalled.stop()
+
+
 def test_5xx_greeting_tries_the_next_mx(W):
     """RFC 5321, 3.1 and 4.2: a 554 greeting refuses the session; the
     next MX host is tried at once (5.1) and delivers."""
