@@ -2921,12 +2921,12 @@ sg_dlv_sess_sent(void *data, sg_client_t *c, sg_client_txn_t *txn)
 
         if (reply == NULL || reply->code == 0) {
             /* the connection failed in the transaction: say how */
-            ngx_snprintf(lost, sizeof(lost) - 1, "%s (%s)%Z",
+            *ngx_snprintf(lost, sizeof(lost) - 1, "%s (%s)",
                          txn->data_sent
                          ? "the connection was lost after the message was"
                            " sent; it is sent again"
                          : "the connection was lost during the transaction",
-                         info->reason ? info->reason : "closed");
+                         info->reason ? info->reason : "closed") = '\0';
             sg_dlv_rcpt_outcome(job, r, 451, "4.4.2", (char *) lost,
                                 &sess->host_name, dsn_peer);
 
