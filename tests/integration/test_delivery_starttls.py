@@ -106,6 +106,21 @@ def test_bytes_after_the_220_to_starttls_end_the_session(W):
 
 # ------------------------------------ forgetting what EHLO said in clear
 
+def send_with_dsn_options(W, sink, names):
+    """The message both tests below send: two recipients of sink's domain
+    (local parts names), with RET, ENVID, NOTIFY=SUCCESS,FAILURE and
+    ORCPT; once delivered over TLS: (queue id, entry, recipients, domain,
+    the sink's transaction, its session)."""
+    dom = W.sink_mx(sink)
+    rcpts = [n + "@" + dom for n in names]
+    qid = send(W, rcpts, mail_options=("RET=HDRS", "ENVID=env+2Bid"),
+               rcpt_options=("NOTIFY=SUCCESS,FAILURE",
+                             "ORCPT=rfc822;orig@" + dom))
+    e = wait_final(W, qid)
+    assert states(e) == {r: "delivered" for r in rcpts}, e
+    (t,) = sink.messages
+    return qid, e, rcpts, dom, t, t.session
+
 def test_extensions_offered_only_before_tls_are_not_used_after_it(W):
     """RFC 3207, 4.2: after TLS the client discards what it learned from
     the server before it and uses only the EHLO sent after TLS. The sink
@@ -120,15 +135,8 @@ def test_extensions_offered_only_before_tls_are_not_used_after_it(W):
     sink = SmtpSink(tls=W.ca.issue(["mx.forget.test"]), ehlo=clear,
                     ehlo_tls=["ENHANCEDSTATUSCODES"])
     try:
-        dom = W.sink_mx(sink)
-        rcpts = ["kim@" + dom, "lou@" + dom]
-        qid = send(W, rcpts, mail_options=("RET=HDRS", "ENVID=env+2Bid"),
-                   rcpt_options=("NOTIFY=SUCCESS,FAILURE",
-                                 "ORCPT=rfc822;orig@" + dom))
-        e = wait_final(W, qid)
-        assert states(e) == {r: "delivered" for r in rcpts}, e
-        (t,) = sink.messages
-        s = t.session
+        qid, e, rcpts, dom, t, s = send_with_dsn_options(
+            W, sink, ("kim", "lou"))
         assert t.tls and s.tls
         assert e["attempts"][-1]["starttls"] is True
 
@@ -172,15 +180,8 @@ def test_extensions_offered_only_after_tls_are_used(W):
                     ehlo=["ENHANCEDSTATUSCODES", "STARTTLS"],
                     ehlo_tls=DEFAULT_EHLO)
     try:
-        dom = W.sink_mx(sink)
-        rcpts = ["mel@" + dom, "ned@" + dom]
-        qid = send(W, rcpts, mail_options=("RET=HDRS", "ENVID=env+2Bid"),
-                   rcpt_options=("NOTIFY=SUCCESS,FAILURE",
-                                 "ORCPT=rfc822;orig@" + dom))
-        e = wait_final(W, qid)
-        assert states(e) == {r: "delivered" for r in rcpts}, e
-        (t,) = sink.messages
-        s = t.session
+        qid, e, rcpts, dom, t, s = send_with_dsn_options(
+            W, sink, ("mel", "ned"))
         assert t.tls
         assert "DSN" not in s.commands[0].reply
         assert int(t.mail_params["SIZE"]) > 0
