@@ -303,6 +303,44 @@ def test_mx_preference_and_every_address_tried(W):
         good.stop()
 
 
+def test_equal_preferences_are_tried_in_random_order(W):
+    """RFC 5321, 5.1: MX hosts of equal preference are tried in random
+    order ("the sender-SMTP MUST randomize them").  20 domains, each with
+    the same two MX hosts at preference 10, always listed in the same
+    order (dnsmasq answers them as configured); one message per domain.
+    A sender that kept the DNS order would give every message to the
+    first host: both must get some (the chance that a fair choice picks
+    one host 20 times is 2 in a million).  Each domain is its own
+    destination, so each message comes from a lookup of its own."""
+    first, second = SmtpSink(), SmtpSink()
+    try:
+        doms = [unique("eq") for _ in range(20)]
+        for dom in doms:
+            W.records["mx"].append((dom, "mx-a." + dom, 10))
+            W.records["mx"].append((dom, "mx-b." + dom, 10))
+            W.records["hosts"]["mx-a." + dom] = [first.host]
+            W.records["hosts"]["mx-b." + dom] = [second.host]
+        W.dns.reload(W.records)
+        ids = [send(W, "eve@" + dom) for dom in doms]
+        used = {}
+        for qid, dom in zip(ids, doms):
+            e = wait_final(W, qid)
+            assert states(e) == {"eve@" + dom: "delivered"}
+            # the first host tried delivered: no next_mx attempt before it
+            assert [a["result"] for a in e["attempts"]] == ["delivered"]
+            used[dom] = e["attempts"][0]["mx_host"]
+        assert set(used.values()) <= {"mx-a." + d for d in doms} \
+            | {"mx-b." + d for d in doms}
+        a_count = sum(1 for d in doms if used[d] == "mx-a." + d)
+        assert 0 < a_count < len(doms), used
+        # on the wire: each sink got the messages of the domains it won
+        assert len(first.messages) == a_count
+        assert len(second.messages) == len(doms) - a_count
+    finally:
+        first.stop()
+        second.stop()
+
+
 def test_implicit_mx_when_the_domain_has_only_an_address(W):
     """RFC 5321, 5.1: no MX records -> the domain's own A record."""
     sink = SmtpSink()
