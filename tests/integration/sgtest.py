@@ -191,6 +191,22 @@ def start_sg(pg, redis, workers=1, **conf_kw):
     return inst
 
 
+def with_bind_mounts(mounts):
+    """A wrap for start_sg(): nginx runs in a private mount namespace
+    (unshare -m) where each target path of mounts {target: source file}
+    shows the source file instead; no other process sees the change.
+    For the system's files sg reads (CA bundle, resolv.conf, DNSSEC root
+    key).  Sources must be readable by the workers (nobody)."""
+    script = " && ".join('mount --bind "$%d" "$%d"' % (2 * i + 1, 2 * i + 2)
+                         for i in range(len(mounts)))
+    args = []
+    for target, source in mounts.items():
+        args += [source, target]
+    return ["unshare", "-m", "sh", "-c",
+            '%s && shift %d && exec "$@"' % (script, 2 * len(mounts)),
+            "sh"] + args
+
+
 def finish_sg(inst):
     """Stop an instance and fail the test on [alert]/[crit]/[emerg] lines."""
     problems = inst.stop()

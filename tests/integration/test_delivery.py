@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sgtest  # noqa: E402
 from dnsserver import DnsServer  # noqa: E402
 from peers import (PostfixMX, ReplySequence, SmtpSink,  # noqa: E402,F401
-                   mail_text, peer_ca, send_via_smtp, smtp_sinks, wait_for)
+                   TestCA, mail_text, peer_ca, send_via_smtp, smtp_sinks, wait_for)
 from sgtest import api, finish_sg, start_sg  # noqa: E402
 
 DELIVERY_CONF = """
@@ -656,6 +656,94 @@ def test_starttls_whenever_possible_with_any_certificate(W):
             assert sink.messages[0].session.sni == "mx." + dom
         finally:
             sink.stop()
+
+
+# the system's files, as sg without sg_resolver and sg_trusted_ca reads them
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"   # OpenSSL's cert.pem
+SYSTEM_RESOLV_CONF = "/etc/resolv.conf"
+SYSTEM_ROOT_KEY = "/usr/share/dns/root.key"             # Debian's dns-root-data
+SYSTEM_DNS_HOST = "127.0.0.153"                        # port 53: resolv.conf
+
+
+def test_system_resolver_and_ca_store_without_directives(W):
+    """Issue 4, items 2 and 5: with neither sg_resolver nor sg_trusted_ca,
+    sg resolves through the servers of the system's resolv.conf and
+    verifies MX certificates against the system CA store.  sg runs in a
+    private mount namespace whose /etc/resolv.conf names a dnsmasq on
+    127.0.0.153:53, whose CA bundle is the real one plus a CA of this test,
+    and whose Debian root key is replaced by an anchor for an unrelated
+    zone (the real root key would make every answer of a server without
+    DNSSEC bogus; with the stand-in, validation is on and the test zone is
+    insecure).  Two MX hosts: one with a certificate from the system-store
+    CA (verified), one from the CA the module's sg trusts only through
+    sg_trusted_ca, which this sg lacks (certificate-not-trusted, RFC 8460,
+    4.3; delivered anyway under "STARTTLS whenever possible")."""
+    tmp = sgtest.make_tmp("sgsysfiles-")
+    sys_ca = TestCA(os.path.join(tmp, "sys-ca"),
+                    name="sg Delivery System Store Only CA")
+    sink_sys = sink_peer = sysdns = None
+    try:
+        with open(SYSTEM_BUNDLE, "rb") as f:
+            real = f.read()
+        assert sys_ca.cert_pem not in real and W.ca.cert_pem not in real
+        files = {
+            SYSTEM_BUNDLE: real + b"\n" + sys_ca.cert_pem,
+            SYSTEM_RESOLV_CONF: b"nameserver %s\n" % SYSTEM_DNS_HOST.encode(),
+            SYSTEM_ROOT_KEY: b"anchor.sg-unrelated-zone. IN DS 12345 13 2 "
+                             + b"00" * 32 + b"\n",
+        }
+        mounts = {}
+        for target, content in files.items():
+            source = os.path.join(tmp, os.path.basename(target))
+            with open(source, "wb") as f:
+                f.write(content)
+            os.chmod(source, 0o644)
+            mounts[target] = source
+
+        # not under "test.": without sg_resolver libunbound keeps RFC 6761's
+        # special names to itself
+        d_sys, d_peer = "a.sysfiles.sgtest", "b.sysfiles.sgtest"
+        sink_sys = SmtpSink(tls=sys_ca.issue(["mx." + d_sys]))
+        sink_peer = SmtpSink(tls=W.ca.issue(["mx." + d_peer]))
+        sysdns = DnsServer(host=SYSTEM_DNS_HOST, port=53).start({
+            "mx": [(d_sys, "mx." + d_sys, 10), (d_peer, "mx." + d_peer, 10)],
+            "hosts": {"mx." + d_sys: [sink_sys.host],
+                      "mx." + d_peer: [sink_peer.host]},
+        })
+        with W.instance(resolver=None, ca_file=None,
+                        wrap=sgtest.with_bind_mounts(mounts)) as inst:
+            with open(inst.conf) as f:
+                conf = f.read()
+            assert "\nsg_resolver" not in conf
+            assert "\nsg_trusted_ca" not in conf
+            settings(inst, starttls_outbound=True)
+            r = api(inst, "GET", "/api/v1/delivery/resolve/" + d_sys)
+            assert r.status_code == 200, r.text
+            assert r.json()["dnssec_validation"] is True      # root.key read
+            assert r.json()["status"] == "ok", r.json()
+
+            q_sys, q_peer = send(W, "pat@" + d_sys), send(W, "pat@" + d_peer)
+            e_sys, e_peer = wait_final(W, q_sys), wait_final(W, q_peer)
+        assert states(e_sys) == {"pat@" + d_sys: "delivered"}
+        assert states(e_peer) == {"pat@" + d_peer: "delivered"}
+        a = e_sys["attempts"][-1]
+        assert a["mx_host"] == "mx." + d_sys and a["starttls"] is True
+        assert a["tls_verify"] == "ok" and a["tls_host_match"] is True
+        assert a["tls_result_type"] is None
+        a = e_peer["attempts"][-1]
+        assert a["mx_host"] == "mx." + d_peer and a["starttls"] is True
+        assert a["tls_result_type"] == "certificate-not-trusted"
+        assert sink_sys.messages[0].tls and sink_peer.messages[0].tls
+        # the names were asked of the resolv.conf server, not the module's
+        asked = {n for _, n in sysdns.queries()}
+        assert {d_sys, d_peer, "mx." + d_sys} <= asked, asked
+        assert not [n for _, n in W.dns.queries() if "sysfiles" in n]
+    finally:
+        for s in (sink_sys, sink_peer, sysdns):
+            if s:
+                s.stop()
+        sys_ca.cleanup()
+        sgtest.remove_tmp(tmp)
 
 
 def test_starttls_not_offered_sends_in_clear_when_possible_only(W):

@@ -471,10 +471,9 @@ SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def with_system_bundle(bundle):
-    """A wrap for start_sg(): nginx runs in a private mount namespace
-    whose SYSTEM_BUNDLE is the file bundle (no other process sees it)."""
-    script = ('mount --bind "$1" %s && shift && exec "$@"' % SYSTEM_BUNDLE)
-    return ["unshare", "-m", "sh", "-c", script, "sh", bundle]
+    """A wrap for start_sg(): nginx sees the file bundle as SYSTEM_BUNDLE
+    (in a private mount namespace: no other process sees it)."""
+    return sgtest.with_bind_mounts({SYSTEM_BUNDLE: bundle})
 
 
 def https_verdicts(inst, domains):
