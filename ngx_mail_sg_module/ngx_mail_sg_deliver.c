@@ -6,7 +6,8 @@
  *             come back when the lease runs out);
  *   jobs      one per message and destination, queued on the destination;
  *   sessions  up to sg_delivery_destination_concurrency per destination,
- *             sg_delivery_concurrency in all; each walks the MX hosts and
+ *             sg_delivery_concurrency in all, on the node (all workers:
+ *             ngx_mail_sg_node.h); each walks the MX hosts and
  *             their addresses, decides the TLS level per host
  *             (sg_tls_decide), opens a client connection and runs the
  *             destination's jobs over it, one transaction after another;
@@ -30,12 +31,15 @@
 #include "sg_sts.h"
 #include "ngx_mail_sg_client.h"
 #include "ngx_mail_sg_deliver.h"
+#include "ngx_mail_sg_node.h"
 
 
 #define SG_DLV_FAILURE_KEY      "sg:tls-failure:"
 #define SG_DLV_RECORD_RETRY     1000     /* ms between tries to record */
 #define SG_DLV_DSN_BATCH        20
 #define SG_DLV_CLAIM_BODY_MAX   32768    /* octets: bodies claimed along */
+#define SG_DLV_NODE_WAIT        250      /* ms between looks for room on
+                                            the node */
 
 
 typedef struct sg_dlv_dest_s  sg_dlv_dest_t;
@@ -201,6 +205,8 @@ typedef struct {
 
     ngx_event_t          poll;
     ngx_event_t          lease;
+    ngx_event_t          node_wait;          /* no room on the node: look
+                                                again */
     ngx_msec_t           lease_ok;           /* the last renewal of the
                                                 leases that succeeded was
                                                 sent */
@@ -268,6 +274,8 @@ static void sg_dlv_dest_fail_all(sg_dlv_dest_t *dest, ngx_uint_t bounce,
     const char *status, const char *reply);
 static void sg_dlv_dest_free(sg_dlv_dest_t *dest);
 static void sg_dlv_run_waiting(void);
+static void sg_dlv_node_wait_handler(ngx_event_t *ev);
+static ngx_uint_t sg_dlv_connections(void);
 static void sg_dlv_client_closed(void);
 
 static void sg_dlv_sess_start(sg_dlv_dest_t *dest, sg_dlv_job_t *job);
@@ -790,13 +798,16 @@ sg_dlv_init_conf(ngx_cycle_t *cycle, void *conf)
         dcf->hostname = cycle->hostname;
     }
 
-    if (dcf->concurrency < 1 || dcf->dest_concurrency < 1
+    if (dcf->concurrency < 1 || dcf->concurrency > SG_DLV_MAX_CONCURRENCY
+        || dcf->dest_concurrency < 1
+        || dcf->dest_concurrency > SG_DLV_MAX_CONCURRENCY
         || dcf->batch < 1 || dcf->batch > 10000)
     {
         ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
                       "\"sg_delivery_concurrency\" and"
-                      " \"sg_delivery_destination_concurrency\" must be at"
-                      " least 1, \"sg_delivery_batch\" from 1 to 10000");
+                      " \"sg_delivery_destination_concurrency\" must be from"
+                      " 1 to %d, \"sg_delivery_batch\" from 1 to 10000",
+                      SG_DLV_MAX_CONCURRENCY);
         return NGX_CONF_ERROR;
     }
 
@@ -833,6 +844,13 @@ sg_dlv_init_conf(ngx_cycle_t *cycle, void *conf)
                       "\"sg_delivery_tls_failure_period\" must be at"
                       " least 1s");
         return NGX_CONF_ERROR;
+    }
+
+    if (dcf->enable) {
+        dcf->node_zone = sg_node_zone_add(cycle, dcf->concurrency);
+        if (dcf->node_zone == NULL) {
+            return NGX_CONF_ERROR;
+        }
     }
 
     return NGX_CONF_OK;
@@ -962,6 +980,13 @@ sg_dlv_init_process(ngx_cycle_t *cycle)
     sg_dlv.lease.log = cycle->log;
     sg_dlv.lease.cancelable = 1;
 
+    sg_dlv.node_wait.handler = sg_dlv_node_wait_handler;
+    sg_dlv.node_wait.data = &sg_dlv.dummy;
+    sg_dlv.node_wait.log = cycle->log;
+    sg_dlv.node_wait.cancelable = 1;
+
+    sg_node_init_process(dcf->node_zone, cycle->log);
+
     if (sg_dlv_quit_init(cycle) != NGX_OK) {
         return NGX_ERROR;
     }
@@ -992,6 +1017,9 @@ sg_dlv_exit_process(ngx_cycle_t *cycle)
 
     /* connections still open (idle, saying QUIT) are closed now */
     sg_client_abort_all();
+
+    /* and no longer count on the node */
+    sg_node_exit_process();
 
     if (sg_dlv.failures_pool) {
         ngx_destroy_pool(sg_dlv.failures_pool);
@@ -1297,6 +1325,9 @@ sg_dlv_lease_handler(ngx_event_t *ev)
     {
         return;
     }
+
+    /* a worker that died does not hold room on the node for long */
+    sg_node_sweep();
 
     params[0] = sg_dlv.worker_id;
     params[1] = sg_dlv.lease_param;
@@ -1865,6 +1896,7 @@ sg_dlv_dest_run(sg_dlv_dest_t *dest)
 static void
 sg_dlv_dest_step(sg_dlv_dest_t *dest)
 {
+    ngx_uint_t      node_full;
     ngx_queue_t    *q;
     sg_dlv_job_t   *job;
     sg_dlv_sess_t  *sess;
@@ -1950,12 +1982,23 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
         sg_dlv_sess_job(sess, job);
     }
 
+    node_full = 0;
+
     while (!ngx_queue_empty(&dest->jobs)
            && dest->sessions < sg_dlv.conf->dest_concurrency
-           && sg_dlv.sessions + sg_dlv.client.closing
-              < sg_dlv.conf->concurrency
+           && sg_dlv_connections() < sg_dlv.conf->concurrency
            && !ngx_exiting)
     {
+        /* the limits hold for the node: other workers' sessions count */
+
+        if (sg_node_acquire(&dest->sn.str, sg_dlv.conf->dest_concurrency,
+                            sg_dlv.conf->concurrency, sg_dlv_connections())
+            != NGX_OK)
+        {
+            node_full = 1;
+            break;
+        }
+
         q = ngx_queue_head(&dest->jobs);
         job = ngx_queue_data(q, sg_dlv_job_t, link);
         ngx_queue_remove(q);
@@ -1968,9 +2011,17 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
         && dest->sessions < sg_dlv.conf->dest_concurrency
         && !ngx_exiting)
     {
-        /* no room in the worker: when a session ends */
+        /*
+         * no room in the worker: when one of its sessions ends; no room
+         * on the node: also when SG_DLV_NODE_WAIT has passed (other
+         * workers do not say when theirs end)
+         */
         ngx_queue_insert_tail(&sg_dlv.waiting, &dest->waiting);
         dest->in_waiting = 1;
+    }
+
+    if (node_full && dest->in_waiting && !sg_dlv.node_wait.timer_set) {
+        ngx_add_timer(&sg_dlv.node_wait, SG_DLV_NODE_WAIT);
     }
 }
 
@@ -2143,6 +2194,8 @@ sg_dlv_dest_free(sg_dlv_dest_t *dest)
 static void
 sg_dlv_client_closed(void)
 {
+    sg_node_connections(sg_dlv_connections());
+
     if (sg_dlv.running && !ngx_exiting) {
         sg_dlv_run_waiting();
     }
@@ -2152,25 +2205,66 @@ sg_dlv_client_closed(void)
 static void
 sg_dlv_run_waiting(void)
 {
-    ngx_queue_t    *q;
+    ngx_queue_t    *q, turn;
     sg_dlv_dest_t  *dest;
 
+    if (ngx_queue_empty(&sg_dlv.waiting)) {
+        return;
+    }
+
     /*
-     * stopping, no session starts: a destination run from here would
-     * only queue itself again (a worker spun on this once)
+     * Each destination once: one the node has no room for queues itself
+     * again.  Stopping, no session starts: a destination run from here
+     * would only queue itself again (a worker spun on this once).
      */
-    while (!ngx_queue_empty(&sg_dlv.waiting)
-           && sg_dlv.sessions + sg_dlv.client.closing
-              < sg_dlv.conf->concurrency
+
+    ngx_queue_init(&turn);
+    ngx_queue_add(&turn, &sg_dlv.waiting);
+    ngx_queue_init(&sg_dlv.waiting);
+
+    while (!ngx_queue_empty(&turn)
+           && sg_dlv_connections() < sg_dlv.conf->concurrency
            && !ngx_exiting)
     {
-        q = ngx_queue_head(&sg_dlv.waiting);
+        q = ngx_queue_head(&turn);
         dest = ngx_queue_data(q, sg_dlv_dest_t, waiting);
         ngx_queue_remove(q);
         dest->in_waiting = 0;
 
         sg_dlv_dest_run(dest);
     }
+
+    /* those not run keep their place, before the ones queued meanwhile */
+
+    if (!ngx_queue_empty(&turn)) {
+        if (!ngx_queue_empty(&sg_dlv.waiting)) {
+            ngx_queue_add(&turn, &sg_dlv.waiting);
+        }
+
+        ngx_queue_init(&sg_dlv.waiting);
+        ngx_queue_add(&sg_dlv.waiting, &turn);
+    }
+}
+
+
+static void
+sg_dlv_node_wait_handler(ngx_event_t *ev)
+{
+    if (!sg_dlv.running || ngx_exiting) {
+        return;
+    }
+
+    sg_node_sweep();
+    sg_dlv_run_waiting();
+}
+
+
+/* connections open now: sessions, and connections saying QUIT */
+
+static ngx_uint_t
+sg_dlv_connections(void)
+{
+    return sg_dlv.sessions + sg_dlv.client.closing;
 }
 
 
@@ -2181,6 +2275,7 @@ sg_dlv_sess_start(sg_dlv_dest_t *dest, sg_dlv_job_t *job)
 
     sess = ngx_calloc(sizeof(sg_dlv_sess_t), sg_dlv.log);
     if (sess == NULL) {
+        sg_node_release(&dest->sn.str, sg_dlv_connections());
         ngx_queue_insert_head(&dest->jobs, &job->link);
         dest->njobs++;
         return;
@@ -3128,6 +3223,8 @@ sg_dlv_sess_close(sg_dlv_sess_t *sess)
 
     dest->sessions--;
     sg_dlv.sessions--;
+
+    sg_node_release(&dest->sn.str, sg_dlv_connections());
 
     ngx_free(sess);
 

@@ -18,13 +18,14 @@
 #define SG_DLV_ROUTE_TTL        60       /* s a DNS answer is reused */
 #define SG_DLV_MAX_RCPTS        1000     /* recipients in one transaction */
 #define SG_DLV_REPLY_MAX        1024
+#define SG_DLV_MAX_CONCURRENCY  65535    /* connections on one node */
 
 
 typedef struct {
     ngx_flag_t           enable;
     ngx_str_t            hostname;
-    ngx_uint_t           concurrency;        /* connections per worker */
-    ngx_uint_t           dest_concurrency;   /* per destination, per worker */
+    ngx_uint_t           concurrency;        /* connections on the node */
+    ngx_uint_t           dest_concurrency;   /* per destination, node */
     ngx_uint_t           mx_address_limit;   /* addresses tried per job */
     ngx_uint_t           mx_session_limit;   /* sessions that got an answer */
     size_t               memory;             /* message bodies held */
@@ -43,6 +44,7 @@ typedef struct {
     ngx_msec_t           idle_timeout;
     time_t               tls_failure_period;
     ngx_uint_t           port;               /* MX port, 25 */
+    ngx_shm_zone_t      *node_zone;          /* "sg_delivery" */
 } sg_dlv_conf_t;
 
 

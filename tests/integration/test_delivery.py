@@ -14,7 +14,9 @@ import email
 import email.policy
 import itertools
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -1125,7 +1127,6 @@ def test_kill_9_of_a_worker_mid_delivery_is_delivered_later(W):
         e = entry(W, qid)
         assert e["recipients"][0]["state"] == "delivering"
         # the worker holding the connection to the sink
-        import subprocess
         out = subprocess.run(["ss", "-tnpH", "dst", "%s:25" % sink.host],
                              capture_output=True, text=True).stdout
         pid = int(out.split("pid=")[1].split(",")[0])
@@ -1195,6 +1196,29 @@ def test_ipv6_mx_and_every_address_of_a_host(W):
         v6.stop()
 
 
+def peak_sessions(*sinks):
+    """The most SMTP sessions the sinks had open at one time.  A session
+    ends when its QUIT arrives: sg closes the connection after the reply,
+    and the sink's own end of the session may be recorded after sg's next
+    connection began."""
+    spans = sorted((s.started, s.quit_at or s.ended or time.time())
+                   for sink in sinks for s in sink.sessions)
+    return max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+
+
+def delivering_workers(inst, ids):
+    """The pids of the workers whose log says they delivered messages ids
+    (the info line of each attempt: "<pid>#0: sg delivery: <id> to ...")."""
+    pids = set()
+    with open(inst.error_log) as f:
+        for line in f:
+            m = re.search(r" (\d+)#\d+: sg delivery: (\w+) to .* delivered: ",
+                          line)
+            if m and m.group(2) in ids:
+                pids.add(int(m.group(1)))
+    return pids
+
+
 def test_destination_concurrency_limit(W):
     """sg_delivery_destination_concurrency: at most that many connections
     to one destination at once; the messages queue behind them."""
@@ -1207,11 +1231,83 @@ def test_destination_concurrency_limit(W):
             wait_final(W, qid)
         assert len(sink.messages) == 6
         # sessions overlapping in time: never more than 2
-        spans = sorted((s.started, s.ended or time.time())
-                       for s in sink.sessions)
-        peak = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
-        assert peak <= 2, spans
+        assert peak_sessions(sink) <= 2, sink.sessions
         assert len(sink.sessions) <= 3
+    sink.stop()
+
+
+# sg_delivery_batch: the jobs a worker holds at most; two workers share
+# the messages, and each holds enough to open every session it may
+NODE_CONF = DELIVERY_CONF + "sg_delivery_batch 4;\n"
+
+
+def test_destination_concurrency_limit_holds_for_the_node(W):
+    """sg_delivery_destination_concurrency counts the sessions of every
+    worker of the node (the shared memory zone "sg_delivery"): two workers
+    that both deliver to one destination keep 2 sessions between them,
+    not 2 each."""
+    sink = SmtpSink(delays={"dot": 1.0})
+    conf = NODE_CONF + "sg_delivery_destination_concurrency 2;\n"
+    with W.instance(workers=2, extra_main=conf) as inst:
+        dom = W.sink_mx(sink)
+        ids = [send(W, "n%d@%s" % (i, dom)) for i in range(12)]
+        for qid in ids:
+            wait_final(W, qid, timeout=60)
+        assert len(sink.messages) == 12
+        assert peak_sessions(sink) <= 2, [(x.started, x.ended)
+                                          for x in sink.sessions]
+        # the limit was shared: both workers delivered
+        assert len(delivering_workers(inst, ids)) == 2
+    sink.stop()
+
+
+def test_concurrency_limit_holds_for_the_node(W):
+    """sg_delivery_concurrency counts the connections of every worker of
+    the node, over all destinations."""
+    sinks = [SmtpSink(delays={"dot": 1.0}) for _ in range(2)]
+    conf = NODE_CONF + "sg_delivery_concurrency 2;\n"
+    with W.instance(workers=2, extra_main=conf) as inst:
+        doms = [W.sink_mx(sink) for sink in sinks]
+        ids = [send(W, "c%d@%s" % (i, doms[i % 2])) for i in range(12)]
+        for qid in ids:
+            wait_final(W, qid, timeout=60)
+        assert sum(len(sink.messages) for sink in sinks) == 12
+        assert peak_sessions(*sinks) <= 2
+        assert len(delivering_workers(inst, ids)) == 2
+    for sink in sinks:
+        sink.stop()
+
+
+def test_a_killed_worker_gives_its_room_on_the_node_back(W):
+    """A worker killed while it holds the only session a destination may
+    have (sg_delivery_destination_concurrency 1) does not keep it: the
+    node drops a dead process's sessions, and the message it was sending
+    and the one waiting behind it are delivered."""
+    sink = SmtpSink(delays={"rcpt": 30})
+    # one job per worker: the second message goes to the other worker
+    conf = (DELIVERY_CONF + "sg_delivery_batch 1;\n"
+            "sg_delivery_destination_concurrency 1;\n")
+    with W.instance(workers=2, extra_main=conf) as inst:
+        inst.allow_problems.append("exited on signal 9")
+        dom = W.sink_mx(sink)
+        first = send(W, "k1@" + dom)
+        sink.wait_for(lambda: any(c.verb == "RCPT" for s in sink.sessions
+                                  for c in s.commands), timeout=20)
+        second = send(W, "k2@" + dom)
+        wait_entry(W, second, lambda e: e["recipients"][0]["state"]
+                   == "delivering", what="second message claimed")
+        out = subprocess.run(["ss", "-tnpH", "dst", "%s:25" % sink.host],
+                             capture_output=True, text=True).stdout
+        pid = int(out.split("pid=")[1].split(",")[0])
+        os.kill(pid, signal.SIGKILL)
+        sink.delays = {}
+        for qid in (first, second):
+            e = wait_final(W, qid, timeout=30)
+            assert states(e) == {r: "delivered" for r in states(e)}
+        assert len(sink.messages) == 2
+        with open(inst.error_log) as f:
+            log = f.read()
+        assert "sg delivery: process %d is gone" % pid in log
     sink.stop()
 
 

@@ -1,0 +1,510 @@
+/*
+ * sg: node-wide delivery connection counts, in shared memory.
+ *
+ * The zone "sg_delivery" holds a slot per delivering process (its pid and
+ * its connections) and a tree of the destinations that have sessions,
+ * each with the sessions of every slot that holds some (a "hold").  A
+ * worker takes a slot when it starts and frees it when it exits.
+ *
+ * A worker killed or crashed leaves its slot behind.  Any worker that
+ * finds a slot whose process is gone (kill(pid, 0) says ESRCH) drops its
+ * holds and frees it: every worker looks when it starts (nginx starts a
+ * new worker for one that died), when its lease timer runs, and while it
+ * waits for room.
+ *
+ * The zone is sized for sg_delivery_concurrency destinations; a reload
+ * with the same size keeps it (old workers finishing their transactions
+ * still count).  A worker that finds no free slot, or a zone without
+ * memory for one more destination, counts for itself only, and says so.
+ */
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+
+#include "ngx_mail_sg_node.h"
+
+
+#define SG_NODE_DEST_SIZE       512      /* slab class of a destination */
+#define SG_NODE_HOLD_SIZE       32       /* slab class of a hold */
+#define SG_NODE_NONE            ((ngx_uint_t) -1)
+
+
+typedef struct sg_node_hold_s  sg_node_hold_t;
+
+struct sg_node_hold_s {
+    sg_node_hold_t      *next;
+    ngx_uint_t           slot;
+    ngx_uint_t           sessions;
+};
+
+
+typedef struct {
+    ngx_str_node_t       sn;                 /* key: the destination */
+    ngx_uint_t           sessions;           /* of every slot */
+    sg_node_hold_t      *holds;
+    u_char               name[1];
+} sg_node_dest_t;
+
+
+typedef struct {
+    ngx_pid_t            pid;                /* 0: free */
+    ngx_uint_t           connections;
+} sg_node_slot_t;
+
+
+typedef struct {
+    ngx_rbtree_t         tree;
+    ngx_rbtree_node_t    sentinel;
+    sg_node_slot_t       slots[SG_NODE_SLOTS];
+} sg_node_sh_t;
+
+
+static ngx_int_t sg_node_zone_init(ngx_shm_zone_t *zone, void *data);
+static sg_node_dest_t *sg_node_lookup(ngx_str_t *name);
+static sg_node_hold_t *sg_node_hold(sg_node_dest_t *dest, ngx_uint_t slot,
+    sg_node_hold_t ***prev);
+static void sg_node_put(sg_node_dest_t *dest, sg_node_hold_t *hold,
+    sg_node_hold_t **prev, ngx_uint_t sessions);
+static void sg_node_sweep_locked(void);
+static void sg_node_drop_slot(ngx_uint_t slot);
+static void sg_node_alone(const char *why);
+
+
+static ngx_str_t  sg_node_zone_name = ngx_string("sg_delivery");
+
+
+static struct {
+    ngx_slab_pool_t     *shpool;
+    sg_node_sh_t        *sh;                 /* NULL: counting alone */
+    ngx_uint_t           slot;
+    ngx_log_t           *log;
+} sg_node;
+
+
+/* at configuration: the zone, sized for "concurrency" destinations */
+
+ngx_shm_zone_t *
+sg_node_zone_add(ngx_cycle_t *cycle, ngx_uint_t concurrency)
+{
+    size_t           size;
+    ngx_conf_t       cf;
+    ngx_shm_zone_t  *zone;
+
+    /*
+     * Every destination with a session is one SG_NODE_DEST_SIZE object and
+     * one hold per process; twice that for the slab's partly used pages.
+     */
+
+    size = 16 * ngx_pagesize + sizeof(sg_node_sh_t)
+           + 2 * concurrency * (SG_NODE_DEST_SIZE + 2 * SG_NODE_HOLD_SIZE);
+
+    /* a core module's init_conf has no ngx_conf_t: the zone needs only this */
+
+    ngx_memzero(&cf, sizeof(ngx_conf_t));
+    cf.cycle = cycle;
+    cf.pool = cycle->pool;
+    cf.log = cycle->log;
+
+    zone = ngx_shared_memory_add(&cf, &sg_node_zone_name, size,
+                                 &sg_node_zone_name);
+    if (zone == NULL) {
+        return NULL;
+    }
+
+    zone->init = sg_node_zone_init;
+
+    return zone;
+}
+
+
+static ngx_int_t
+sg_node_zone_init(ngx_shm_zone_t *zone, void *data)
+{
+    sg_node_sh_t     *sh;
+    ngx_slab_pool_t  *shpool;
+
+    shpool = (ngx_slab_pool_t *) zone->shm.addr;
+
+    if (data) {
+        /* a reload with the same size: the counts go on */
+        zone->data = data;
+        return NGX_OK;
+    }
+
+    if (zone->shm.exists) {
+        zone->data = shpool->data;
+        return NGX_OK;
+    }
+
+    sh = ngx_slab_alloc(shpool, sizeof(sg_node_sh_t));
+    if (sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_memzero(sh, sizeof(sg_node_sh_t));
+    ngx_rbtree_init(&sh->tree, &sh->sentinel, ngx_str_rbtree_insert_value);
+
+    /* a full zone is logged here, once per case, not by the slab */
+    shpool->log_nomem = 0;
+    shpool->data = sh;
+    zone->data = sh;
+
+    return NGX_OK;
+}
+
+
+/* in a worker: take a slot (after dropping those of dead processes) */
+
+void
+sg_node_init_process(ngx_shm_zone_t *zone, ngx_log_t *log)
+{
+    ngx_uint_t  i, slot;
+
+    ngx_memzero(&sg_node, sizeof(sg_node));
+    sg_node.log = log;
+    sg_node.slot = SG_NODE_NONE;
+
+    if (zone == NULL || zone->data == NULL) {
+        sg_node_alone("there is no shared memory zone");
+        return;
+    }
+
+    sg_node.shpool = (ngx_slab_pool_t *) zone->shm.addr;
+    sg_node.sh = zone->data;
+
+    ngx_shmtx_lock(&sg_node.shpool->mutex);
+
+    sg_node_sweep_locked();
+
+    slot = SG_NODE_NONE;
+
+    for (i = 0; i < SG_NODE_SLOTS; i++) {
+        if (sg_node.sh->slots[i].pid == ngx_pid) {
+            /* a process that had this pid before */
+            sg_node_drop_slot(i);
+        }
+
+        if (sg_node.sh->slots[i].pid == 0 && slot == SG_NODE_NONE) {
+            slot = i;
+        }
+    }
+
+    if (slot != SG_NODE_NONE) {
+        sg_node.sh->slots[slot].pid = ngx_pid;
+        sg_node.sh->slots[slot].connections = 0;
+        sg_node.slot = slot;
+    }
+
+    ngx_shmtx_unlock(&sg_node.shpool->mutex);
+
+    if (slot == SG_NODE_NONE) {
+        sg_node_alone("every slot of the zone is taken");
+    }
+}
+
+
+void
+sg_node_exit_process(void)
+{
+    if (sg_node.sh == NULL) {
+        return;
+    }
+
+    ngx_shmtx_lock(&sg_node.shpool->mutex);
+    sg_node_drop_slot(sg_node.slot);
+    ngx_shmtx_unlock(&sg_node.shpool->mutex);
+
+    sg_node.sh = NULL;
+}
+
+
+ngx_int_t
+sg_node_acquire(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
+    ngx_uint_t connections)
+{
+    size_t            size;
+    uint32_t          hash;
+    ngx_int_t         rc;
+    ngx_uint_t        i, total;
+    sg_node_dest_t   *dest;
+    sg_node_hold_t   *hold, **prev;
+    sg_node_slot_t   *slots;
+
+    if (sg_node.sh == NULL) {
+        return NGX_OK;
+    }
+
+    slots = sg_node.sh->slots;
+
+    ngx_shmtx_lock(&sg_node.shpool->mutex);
+
+    slots[sg_node.slot].connections = connections;
+
+    total = 0;
+
+    for (i = 0; i < SG_NODE_SLOTS; i++) {
+        if (slots[i].pid) {
+            total += slots[i].connections;
+        }
+    }
+
+    if (total >= limit) {
+        rc = NGX_DECLINED;
+        goto done;
+    }
+
+    dest = sg_node_lookup(name);
+
+    if (dest && dest->sessions >= dest_limit) {
+        rc = NGX_BUSY;
+        goto done;
+    }
+
+    rc = NGX_OK;
+
+    if (dest == NULL) {
+        size = offsetof(sg_node_dest_t, name) + name->len;
+
+        dest = ngx_slab_alloc_locked(sg_node.shpool, size);
+        if (dest == NULL) {
+            goto full;
+        }
+
+        hash = ngx_crc32_long(name->data, name->len);
+
+        ngx_memcpy(dest->name, name->data, name->len);
+        dest->sn.node.key = hash;
+        dest->sn.str.len = name->len;
+        dest->sn.str.data = dest->name;
+        dest->sessions = 0;
+        dest->holds = NULL;
+
+        ngx_rbtree_insert(&sg_node.sh->tree, &dest->sn.node);
+    }
+
+    hold = sg_node_hold(dest, sg_node.slot, &prev);
+
+    if (hold == NULL) {
+        hold = ngx_slab_alloc_locked(sg_node.shpool, sizeof(sg_node_hold_t));
+        if (hold == NULL) {
+            /* a destination made just now goes again */
+            sg_node_put(dest, NULL, NULL, 0);
+            goto full;
+        }
+
+        hold->slot = sg_node.slot;
+        hold->sessions = 0;
+        hold->next = dest->holds;
+        dest->holds = hold;
+    }
+
+    hold->sessions++;
+    dest->sessions++;
+    slots[sg_node.slot].connections = connections + 1;
+
+done:
+
+    ngx_shmtx_unlock(&sg_node.shpool->mutex);
+
+    return rc;
+
+full:
+
+    ngx_shmtx_unlock(&sg_node.shpool->mutex);
+
+    ngx_log_error(NGX_LOG_ALERT, sg_node.log, 0,
+                  "sg delivery: the shared memory zone \"%V\" has no room"
+                  " for destination \"%V\": its session is not counted for"
+                  " the node", &sg_node_zone_name, name);
+
+    return NGX_OK;
+}
+
+
+void
+sg_node_release(ngx_str_t *name, ngx_uint_t connections)
+{
+    sg_node_dest_t   *dest;
+    sg_node_hold_t   *hold, **prev;
+
+    if (sg_node.sh == NULL) {
+        return;
+    }
+
+    ngx_shmtx_lock(&sg_node.shpool->mutex);
+
+    sg_node.sh->slots[sg_node.slot].connections = connections;
+
+    /* not found: it was not counted (the zone was full) */
+
+    dest = sg_node_lookup(name);
+
+    if (dest) {
+        hold = sg_node_hold(dest, sg_node.slot, &prev);
+
+        if (hold) {
+            sg_node_put(dest, hold, prev, 1);
+        }
+    }
+
+    ngx_shmtx_unlock(&sg_node.shpool->mutex);
+}
+
+
+void
+sg_node_connections(ngx_uint_t connections)
+{
+    if (sg_node.sh == NULL) {
+        return;
+    }
+
+    ngx_shmtx_lock(&sg_node.shpool->mutex);
+    sg_node.sh->slots[sg_node.slot].connections = connections;
+    ngx_shmtx_unlock(&sg_node.shpool->mutex);
+}
+
+
+void
+sg_node_sweep(void)
+{
+    if (sg_node.sh == NULL) {
+        return;
+    }
+
+    ngx_shmtx_lock(&sg_node.shpool->mutex);
+    sg_node_sweep_locked();
+    ngx_shmtx_unlock(&sg_node.shpool->mutex);
+}
+
+
+static sg_node_dest_t *
+sg_node_lookup(ngx_str_t *name)
+{
+    ngx_str_node_t  *sn;
+
+    sn = ngx_str_rbtree_lookup(&sg_node.sh->tree, name,
+                               ngx_crc32_long(name->data, name->len));
+
+    return sn ? (sg_node_dest_t *) sn : NULL;
+}
+
+
+static sg_node_hold_t *
+sg_node_hold(sg_node_dest_t *dest, ngx_uint_t slot, sg_node_hold_t ***prev)
+{
+    sg_node_hold_t  *hold, **p;
+
+    for (p = &dest->holds; *p; p = &(*p)->next) {
+        hold = *p;
+
+        if (hold->slot == slot) {
+            *prev = p;
+            return hold;
+        }
+    }
+
+    return NULL;
+}
+
+
+/*
+ * Take "sessions" off a hold (NULL: none); a hold without sessions and a
+ * destination without holds are freed.
+ */
+
+static void
+sg_node_put(sg_node_dest_t *dest, sg_node_hold_t *hold, sg_node_hold_t **prev,
+    ngx_uint_t sessions)
+{
+    if (hold) {
+        sessions = ngx_min(sessions, hold->sessions);
+        hold->sessions -= sessions;
+        dest->sessions -= ngx_min(sessions, dest->sessions);
+
+        if (hold->sessions == 0) {
+            *prev = hold->next;
+            ngx_slab_free_locked(sg_node.shpool, hold);
+        }
+    }
+
+    if (dest->holds == NULL) {
+        ngx_rbtree_delete(&sg_node.sh->tree, &dest->sn.node);
+        ngx_slab_free_locked(sg_node.shpool, dest);
+    }
+}
+
+
+static void
+sg_node_sweep_locked(void)
+{
+    ngx_uint_t       i;
+    ngx_pid_t        pid;
+    sg_node_slot_t  *slot;
+
+    for (i = 0; i < SG_NODE_SLOTS; i++) {
+        slot = &sg_node.sh->slots[i];
+        pid = slot->pid;
+
+        if (pid == 0 || pid == ngx_pid) {
+            continue;
+        }
+
+        /* EPERM: alive, under another user; zombies are reaped at once */
+
+        if (kill(pid, 0) == 0 || ngx_errno != NGX_ESRCH) {
+            continue;
+        }
+
+        ngx_log_error(NGX_LOG_NOTICE, sg_node.log, 0,
+                      "sg delivery: process %P is gone: its %ui"
+                      " connections no longer count on this node",
+                      pid, slot->connections);
+
+        sg_node_drop_slot(i);
+    }
+}
+
+
+static void
+sg_node_drop_slot(ngx_uint_t slot)
+{
+    ngx_rbtree_t       *tree;
+    sg_node_dest_t     *dest;
+    sg_node_hold_t     *hold, **prev;
+    ngx_rbtree_node_t  *node, *next;
+
+    tree = &sg_node.sh->tree;
+
+    if (tree->root != tree->sentinel) {
+        node = ngx_rbtree_min(tree->root, tree->sentinel);
+
+        while (node) {
+            next = ngx_rbtree_next(tree, node);
+
+            dest = (sg_node_dest_t *) node;
+            hold = sg_node_hold(dest, slot, &prev);
+
+            if (hold) {
+                sg_node_put(dest, hold, prev, hold->sessions);
+            }
+
+            node = next;
+        }
+    }
+
+    sg_node.sh->slots[slot].pid = 0;
+    sg_node.sh->slots[slot].connections = 0;
+}
+
+
+static void
+sg_node_alone(const char *why)
+{
+    ngx_log_error(NGX_LOG_WARN, sg_node.log, 0,
+                  "sg delivery: %s: this worker's outbound connections"
+                  " count against sg_delivery_concurrency and"
+                  " sg_delivery_destination_concurrency for itself only",
+                  why);
+
+    sg_node.sh = NULL;
+}
