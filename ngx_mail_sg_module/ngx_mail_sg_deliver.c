@@ -314,8 +314,8 @@ static void sg_dlv_rcpt_outcome(sg_dlv_job_t *job, sg_dlv_rcpt_t *r,
 static void sg_dlv_job_finish(sg_dlv_job_t *job);
 static void sg_dlv_job_record(sg_dlv_job_t *job);
 static void sg_dlv_job_record_alone(sg_dlv_job_t *job);
-static ngx_int_t sg_dlv_job_rows(sg_dlv_job_t *job, json_t *rows,
-    int64_t *lo, int64_t *hi);
+static ngx_int_t sg_dlv_job_rows(sg_dlv_job_t *job, json_t *rows);
+static void sg_dlv_job_span(sg_dlv_job_t *job, int64_t *lo, int64_t *hi);
 static void sg_dlv_record_next(void);
 static ngx_int_t sg_dlv_record_batch(sg_dlv_job_t **jobs, ngx_uint_t n);
 static void sg_dlv_record_batch_done(void *data, PGresult *res,
@@ -3735,7 +3735,7 @@ sg_dlv_job_record_alone(sg_dlv_job_t *job)
 /* the recipients' rows of one job, appended to rows */
 
 static ngx_int_t
-sg_dlv_job_rows(sg_dlv_job_t *job, json_t *rows, int64_t *lo, int64_t *hi)
+sg_dlv_job_rows(sg_dlv_job_t *job, json_t *rows)
 {
     json_t         *row;
     ngx_uint_t      i;
@@ -3746,9 +3746,6 @@ sg_dlv_job_rows(sg_dlv_job_t *job, json_t *rows, int64_t *lo, int64_t *hi)
 
     for (i = 0; i < job->nrcpts; i++) {
         r = &job->rcpts[i];
-
-        *lo = ngx_min(*lo, r->id);
-        *hi = ngx_max(*hi, r->id);
 
         row = json_pack("{s:I, s:s, s:s, s:s, s:s?, s:s%, s:I, s:b}",
                         "id", (json_int_t) r->id,
@@ -3768,6 +3765,20 @@ sg_dlv_job_rows(sg_dlv_job_t *job, json_t *rows, int64_t *lo, int64_t *hi)
     }
 
     return NGX_OK;
+}
+
+
+/* lo and hi widened to the job's recipient ids */
+
+static void
+sg_dlv_job_span(sg_dlv_job_t *job, int64_t *lo, int64_t *hi)
+{
+    ngx_uint_t  i;
+
+    for (i = 0; i < job->nrcpts; i++) {
+        *lo = ngx_min(*lo, job->rcpts[i].id);
+        *hi = ngx_max(*hi, job->rcpts[i].id);
+    }
 }
 
 
@@ -3833,11 +3844,7 @@ sg_dlv_record_next(void)
 
             jlo = job->rcpts[0].id;
             jhi = jlo;
-
-            for (i = 0; i < job->nrcpts; i++) {
-                jlo = ngx_min(jlo, job->rcpts[i].id);
-                jhi = ngx_max(jhi, job->rcpts[i].id);
-            }
+            sg_dlv_job_span(job, &jlo, &jhi);
 
             if (n && (ngx_max(hi, jhi) - ngx_min(lo, jlo)
                       > SG_DLV_RECORD_SPAN))
@@ -3898,7 +3905,9 @@ sg_dlv_record_batch(sg_dlv_job_t **jobs, ngx_uint_t n)
         b->jobs[i] = jobs[i];
         p = ngx_sprintf(p, "%s%s", i ? "," : "", jobs[i]->id);
 
-        if (sg_dlv_job_rows(jobs[i], rows, &lo, &hi) != NGX_OK) {
+        sg_dlv_job_span(jobs[i], &lo, &hi);
+
+        if (sg_dlv_job_rows(jobs[i], rows) != NGX_OK) {
             rc = NGX_ERROR;
             break;
         }
