@@ -1614,7 +1614,7 @@ def problem_lines(results, sg, pf, sg_problems, sg_errors, pf_problems,
     lines.append(
         "* Postfix's rate here is below the 650–750 msg/s plaintext that"
         " issue 4 quotes for \"this kind of machine\": on this one Postfix"
-        " 3.7.11 relays 264–383 msg/s plaintext with its defaults over"
+        " 3.7.11 relays 264–436 msg/s plaintext with its defaults over"
         " the runs of 2026-11-28/29, and `in_flow_delay = 0s` does not"
         " change it (303 and 263 msg/s at `-s 20` and `-s 100`, a"
         " Postfix-only run on 2026-11-29 with `BENCH_POSTFIX_MAIN`). The 2"
