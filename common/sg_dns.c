@@ -188,6 +188,17 @@ sg_dns_init_worker(ngx_cycle_t *cycle)
         goto failed;
     }
 
+    /*
+     * records in the order the server gave: the random order among equal
+     * MX preferences is sg's own (sg_dns_rr_mx_order), not libunbound's
+     * rotation by the clock
+     */
+
+    rc = ub_ctx_set_option(ctx, "rrset-roundrobin:", "no");
+    if (rc != 0) {
+        goto failed;
+    }
+
     if (scf->resolver.len) {
         if (sg_dns_forwarder(cycle, &scf->resolver, fwd, sizeof(fwd))
             != NGX_OK)

@@ -177,6 +177,8 @@ struct sg_dlv_sess_s {
     unsigned             sts_mismatch:1;     /* H is not in the policy */
     unsigned             kept:1;             /* client used before: the
                                                 peer may have closed it */
+    unsigned             node_counted:1;     /* sg_node_release() at the
+                                                end */
 };
 
 
@@ -278,7 +280,9 @@ static void sg_dlv_node_wait_handler(ngx_event_t *ev);
 static ngx_uint_t sg_dlv_connections(void);
 static void sg_dlv_client_closed(void);
 
-static void sg_dlv_sess_start(sg_dlv_dest_t *dest, sg_dlv_job_t *job);
+static ngx_int_t sg_dlv_sess_start(sg_dlv_dest_t *dest, sg_dlv_job_t *job,
+    ngx_uint_t counted);
+static void sg_dlv_sess_drop_client(sg_dlv_sess_t *sess);
 static void sg_dlv_sess_job(sg_dlv_sess_t *sess, sg_dlv_job_t *job);
 static void sg_dlv_sess_body(sg_dlv_sess_t *sess);
 static void sg_dlv_body_loaded(void *data, PGresult *res, const char *err,
@@ -1896,6 +1900,7 @@ sg_dlv_dest_run(sg_dlv_dest_t *dest)
 static void
 sg_dlv_dest_step(sg_dlv_dest_t *dest)
 {
+    ngx_int_t       rc;
     ngx_uint_t      node_full;
     ngx_queue_t    *q;
     sg_dlv_job_t   *job;
@@ -1991,10 +1996,10 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
     {
         /* the limits hold for the node: other workers' sessions count */
 
-        if (sg_node_acquire(&dest->sn.str, sg_dlv.conf->dest_concurrency,
-                            sg_dlv.conf->concurrency, sg_dlv_connections())
-            != NGX_OK)
-        {
+        rc = sg_node_acquire(&dest->sn.str, sg_dlv.conf->dest_concurrency,
+                             sg_dlv.conf->concurrency, sg_dlv_connections());
+
+        if (rc != NGX_OK && rc != NGX_DONE) {
             node_full = 1;
             break;
         }
@@ -2004,7 +2009,11 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
         ngx_queue_remove(q);
         dest->njobs--;
 
-        sg_dlv_sess_start(dest, job);
+        if (sg_dlv_sess_start(dest, job, rc == NGX_OK) != NGX_OK) {
+            /* no memory now: when SG_DLV_NODE_WAIT has passed */
+            node_full = 1;
+            break;
+        }
     }
 
     if (!ngx_queue_empty(&dest->jobs) && !dest->in_waiting
@@ -2268,18 +2277,25 @@ sg_dlv_connections(void)
 }
 
 
-static void
-sg_dlv_sess_start(sg_dlv_dest_t *dest, sg_dlv_job_t *job)
+/* counted: the session counts on the node (sg_node_acquire() said so) */
+
+static ngx_int_t
+sg_dlv_sess_start(sg_dlv_dest_t *dest, sg_dlv_job_t *job, ngx_uint_t counted)
 {
     sg_dlv_sess_t  *sess;
 
     sess = ngx_calloc(sizeof(sg_dlv_sess_t), sg_dlv.log);
     if (sess == NULL) {
-        sg_node_release(&dest->sn.str, sg_dlv_connections());
+        if (counted) {
+            sg_node_release(&dest->sn.str, sg_dlv_connections());
+        }
+
         ngx_queue_insert_head(&dest->jobs, &job->link);
         dest->njobs++;
-        return;
+        return NGX_ERROR;
     }
+
+    sess->node_counted = counted;
 
     sess->dest = dest;
     sess->self = sess;
@@ -2292,6 +2308,20 @@ sg_dlv_sess_start(sg_dlv_dest_t *dest, sg_dlv_job_t *job)
     sg_dlv.sessions++;
 
     sg_dlv_sess_job(sess, job);
+
+    return NGX_OK;
+}
+
+
+/* the session's connection goes (QUIT); the node learns the count */
+
+static void
+sg_dlv_sess_drop_client(sg_dlv_sess_t *sess)
+{
+    sg_client_close(sess->client);
+    sess->client = NULL;
+
+    sg_node_connections(sg_dlv_connections());
 }
 
 
@@ -2313,8 +2343,7 @@ sg_dlv_sess_job(sg_dlv_sess_t *sess, sg_dlv_job_t *job)
          * and a connection kept from the old one is not reused
          */
         if (sess->client) {
-            sg_client_close(sess->client);
-            sess->client = NULL;
+            sg_dlv_sess_drop_client(sess);
         }
 
         sg_dlv_route_release(dest, sess->route, 1);
@@ -2537,8 +2566,7 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
          * kept for this host, which this job skips: the job walks the
          * MX hosts from the first, without it
          */
-        sg_client_close(sess->client);
-        sess->client = NULL;
+        sg_dlv_sess_drop_client(sess);
         sess->host = 0;
         sess->addr = 0;
         sg_dlv_sess_decide(sess);
@@ -2585,8 +2613,7 @@ sg_dlv_sess_decide(sg_dlv_sess_t *sess)
          * the peer closed it while it was idle, or it was opened another
          * way: the job walks the MX hosts from the first
          */
-        sg_client_close(sess->client);
-        sess->client = NULL;
+        sg_dlv_sess_drop_client(sess);
 
         if (sess->host != 0 || sess->addr != 0) {
             sess->host = 0;
@@ -2803,8 +2830,7 @@ sg_dlv_sess_send(sg_dlv_sess_t *sess)
         ngx_log_error(NGX_LOG_ERR, sg_dlv.log, 0,
                       "sg delivery: %s: the connection to %V does not offer"
                       " REQUIRETLS: not sent", job->id, &sess->host_name);
-        sg_client_close(sess->client);
-        sess->client = NULL;
+        sg_dlv_sess_drop_client(sess);
         sg_dlv_sess_not_sent(sess, "4.7.0",
                              "the connection does not offer REQUIRETLS");
         return;
@@ -3148,13 +3174,32 @@ sg_dlv_sess_note(sg_dlv_sess_t *sess)
 static void
 sg_dlv_sess_done(sg_dlv_sess_t *sess)
 {
+    ngx_uint_t      next, yield;
     ngx_queue_t    *q;
     sg_dlv_job_t   *job;
     sg_dlv_dest_t  *dest;
 
     dest = sess->dest;
 
-    if (!ngx_queue_empty(&dest->jobs) && !ngx_exiting) {
+    next = !ngx_queue_empty(&dest->jobs) && !ngx_exiting;
+
+    /*
+     * another worker waits for room that this session holds: it closes
+     * (the node reserved the room for that worker; this worker's next
+     * jobs wait their turn)
+     */
+
+    yield = sess->node_counted
+            && sg_node_yield(&dest->sn.str, sg_dlv.conf->dest_concurrency,
+                             next);
+
+    if (yield) {
+        ngx_log_debug1(NGX_LOG_DEBUG_MAIL, sg_dlv.log, 0,
+                       "sg delivery: %V: a session gives way to another"
+                       " worker", &dest->sn.str);
+    }
+
+    if (next && !yield) {
         q = ngx_queue_head(&dest->jobs);
         job = ngx_queue_data(q, sg_dlv_job_t, link);
         ngx_queue_remove(q);
@@ -3164,7 +3209,7 @@ sg_dlv_sess_done(sg_dlv_sess_t *sess)
         return;
     }
 
-    if (sess->client && !ngx_exiting && !ngx_terminate) {
+    if (sess->client && !yield && !ngx_exiting && !ngx_terminate) {
         ngx_queue_insert_tail(&dest->idle, &sess->link);
         ngx_add_timer(&sess->idle, sg_dlv.conf->idle_timeout);
         return;
@@ -3224,7 +3269,12 @@ sg_dlv_sess_close(sg_dlv_sess_t *sess)
     dest->sessions--;
     sg_dlv.sessions--;
 
-    sg_node_release(&dest->sn.str, sg_dlv_connections());
+    if (sess->node_counted) {
+        sg_node_release(&dest->sn.str, sg_dlv_connections());
+
+    } else {
+        sg_node_connections(sg_dlv_connections());
+    }
 
     ngx_free(sess);
 

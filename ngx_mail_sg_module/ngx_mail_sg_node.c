@@ -6,11 +6,22 @@
  * each with the sessions of every slot that holds some (a "hold").  A
  * worker takes a slot when it starts and frees it when it exits.
  *
+ * Room is shared fairly.  A worker refused room for a destination (or on
+ * the node) reserves the next free one for SG_NODE_WANT_TTL, renewing the
+ * reservation each time it asks again; meanwhile others get no room that
+ * would take it, and sessions of other workers give way
+ * (sg_node_yield): one that has no next job closes instead of idling, and
+ * one that has a next job closes if its worker holds more than its share
+ * of the destination (the limit divided among the workers holding or
+ * wanting it).  Without this, a worker whose sessions always have a next
+ * job would keep the other workers' mail waiting as long as mail comes.
+ *
  * A worker killed or crashed leaves its slot behind.  Any worker that
- * finds a slot whose process is gone (kill(pid, 0) says ESRCH) drops its
- * holds and frees it: every worker looks when it starts (nginx starts a
- * new worker for one that died), when its lease timer runs, and while it
- * waits for room.
+ * finds a slot whose process is gone (kill(pid, 0) says ESRCH, or the pid
+ * now belongs to a process started at another time) drops its holds and
+ * frees it: every worker looks when it starts (nginx starts a new worker
+ * for one that died), when its lease timer runs, and while it waits for
+ * room.
  *
  * The zone is sized for sg_delivery_concurrency destinations; a reload
  * with the same size keeps it (old workers finishing their transactions
@@ -27,6 +38,8 @@
 #define SG_NODE_DEST_SIZE       512      /* slab class of a destination */
 #define SG_NODE_HOLD_SIZE       32       /* slab class of a hold */
 #define SG_NODE_NONE            ((ngx_uint_t) -1)
+#define SG_NODE_WANT_TTL        1000     /* ms a reservation lasts unless
+                                            renewed */
 
 
 typedef struct sg_node_hold_s  sg_node_hold_t;
@@ -38,16 +51,26 @@ struct sg_node_hold_s {
 };
 
 
+/* a reservation: the slot that was refused room, and when (0: none) */
+
+typedef struct {
+    ngx_uint_t           slot;
+    ngx_msec_t           at;
+} sg_node_want_t;
+
+
 typedef struct {
     ngx_str_node_t       sn;                 /* key: the destination */
     ngx_uint_t           sessions;           /* of every slot */
     sg_node_hold_t      *holds;
+    sg_node_want_t       want;
     u_char               name[1];
 } sg_node_dest_t;
 
 
 typedef struct {
     ngx_pid_t            pid;                /* 0: free */
+    unsigned long long   started;            /* /proc/PID/stat field 22 */
     ngx_uint_t           connections;
 } sg_node_slot_t;
 
@@ -55,6 +78,7 @@ typedef struct {
 typedef struct {
     ngx_rbtree_t         tree;
     ngx_rbtree_node_t    sentinel;
+    sg_node_want_t       want;               /* room on the node */
     sg_node_slot_t       slots[SG_NODE_SLOTS];
 } sg_node_sh_t;
 
@@ -65,8 +89,11 @@ static sg_node_hold_t *sg_node_hold(sg_node_dest_t *dest, ngx_uint_t slot,
     sg_node_hold_t ***prev);
 static void sg_node_put(sg_node_dest_t *dest, sg_node_hold_t *hold,
     sg_node_hold_t **prev, ngx_uint_t sessions);
+static ngx_uint_t sg_node_wanted(sg_node_want_t *want);
+static void sg_node_want(sg_node_want_t *want);
 static void sg_node_sweep_locked(void);
 static void sg_node_drop_slot(ngx_uint_t slot);
+static unsigned long long sg_node_started(ngx_pid_t pid);
 static void sg_node_alone(const char *why);
 
 
@@ -191,6 +218,7 @@ sg_node_init_process(ngx_shm_zone_t *zone, ngx_log_t *log)
 
     if (slot != SG_NODE_NONE) {
         sg_node.sh->slots[slot].pid = ngx_pid;
+        sg_node.sh->slots[slot].started = sg_node_started(ngx_pid);
         sg_node.sh->slots[slot].connections = 0;
         sg_node.slot = slot;
     }
@@ -225,13 +253,13 @@ sg_node_acquire(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
     size_t            size;
     uint32_t          hash;
     ngx_int_t         rc;
-    ngx_uint_t        i, total;
+    ngx_uint_t        i, total, reserved;
     sg_node_dest_t   *dest;
     sg_node_hold_t   *hold, **prev;
     sg_node_slot_t   *slots;
 
     if (sg_node.sh == NULL) {
-        return NGX_OK;
+        return NGX_DONE;
     }
 
     slots = sg_node.sh->slots;
@@ -248,16 +276,26 @@ sg_node_acquire(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
         }
     }
 
-    if (total >= limit) {
+    /* room reserved by another worker is not taken */
+
+    reserved = sg_node_wanted(&sg_node.sh->want);
+
+    if (total + reserved >= limit) {
+        sg_node_want(&sg_node.sh->want);
         rc = NGX_DECLINED;
         goto done;
     }
 
     dest = sg_node_lookup(name);
 
-    if (dest && dest->sessions >= dest_limit) {
-        rc = NGX_BUSY;
-        goto done;
+    if (dest) {
+        reserved = sg_node_wanted(&dest->want);
+
+        if (dest->sessions + reserved >= dest_limit) {
+            sg_node_want(&dest->want);
+            rc = NGX_BUSY;
+            goto done;
+        }
     }
 
     rc = NGX_OK;
@@ -278,6 +316,7 @@ sg_node_acquire(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
         dest->sn.str.data = dest->name;
         dest->sessions = 0;
         dest->holds = NULL;
+        dest->want.at = 0;
 
         ngx_rbtree_insert(&sg_node.sh->tree, &dest->sn.node);
     }
@@ -302,6 +341,16 @@ sg_node_acquire(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
     dest->sessions++;
     slots[sg_node.slot].connections = connections + 1;
 
+    /* a reservation of this worker is used */
+
+    if (dest->want.at && dest->want.slot == sg_node.slot) {
+        dest->want.at = 0;
+    }
+
+    if (sg_node.sh->want.at && sg_node.sh->want.slot == sg_node.slot) {
+        sg_node.sh->want.at = 0;
+    }
+
 done:
 
     ngx_shmtx_unlock(&sg_node.shpool->mutex);
@@ -317,7 +366,59 @@ full:
                   " for destination \"%V\": its session is not counted for"
                   " the node", &sg_node_zone_name, name);
 
-    return NGX_OK;
+    return NGX_DONE;
+}
+
+
+/*
+ * A session of this worker has finished a job: should it close to make
+ * room for another worker?  next: it has a next job here.
+ */
+
+ngx_uint_t
+sg_node_yield(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t next)
+{
+    ngx_uint_t       yield, interested;
+    sg_node_dest_t  *dest;
+    sg_node_hold_t  *hold, *h, **prev;
+
+    if (sg_node.sh == NULL) {
+        return 0;
+    }
+
+    yield = 0;
+
+    ngx_shmtx_lock(&sg_node.shpool->mutex);
+
+    dest = sg_node_lookup(name);
+
+    if (dest && sg_node_wanted(&dest->want)) {
+        hold = sg_node_hold(dest, sg_node.slot, &prev);
+
+        /* the workers holding sessions here, and the one waiting */
+
+        interested = 0;
+
+        for (h = dest->holds; h; h = h->next) {
+            interested++;
+        }
+
+        if (sg_node_hold(dest, dest->want.slot, &prev) == NULL) {
+            interested++;
+        }
+
+        yield = !next
+                || (hold && hold->sessions > dest_limit / interested);
+    }
+
+    if (!next && sg_node_wanted(&sg_node.sh->want)) {
+        /* an idle connection would keep another worker's mail waiting */
+        yield = 1;
+    }
+
+    ngx_shmtx_unlock(&sg_node.shpool->mutex);
+
+    return yield;
 }
 
 
@@ -427,10 +528,46 @@ sg_node_put(sg_node_dest_t *dest, sg_node_hold_t *hold, sg_node_hold_t **prev,
         }
     }
 
-    if (dest->holds == NULL) {
+    /* a reservation keeps it: the waiting worker's claim is in it */
+
+    if (dest->holds == NULL && !sg_node_wanted(&dest->want)) {
         ngx_rbtree_delete(&sg_node.sh->tree, &dest->sn.node);
         ngx_slab_free_locked(sg_node.shpool, dest);
     }
+}
+
+
+/* a live reservation of another worker */
+
+static ngx_uint_t
+sg_node_wanted(sg_node_want_t *want)
+{
+    if (want->at == 0 || want->slot == sg_node.slot) {
+        return 0;
+    }
+
+    /* ngx_current_msec is each process's reading of one monotonic clock */
+
+    if ((ngx_msec_int_t) (ngx_current_msec - want->at) >= SG_NODE_WANT_TTL) {
+        want->at = 0;
+        return 0;
+    }
+
+    return 1;
+}
+
+
+/* this worker was refused room: it reserves the next, unless another has */
+
+static void
+sg_node_want(sg_node_want_t *want)
+{
+    if (sg_node_wanted(want)) {
+        return;
+    }
+
+    want->slot = sg_node.slot;
+    want->at = ngx_current_msec ? ngx_current_msec : 1;
 }
 
 
@@ -449,9 +586,15 @@ sg_node_sweep_locked(void)
             continue;
         }
 
-        /* EPERM: alive, under another user; zombies are reaped at once */
+        /*
+         * EPERM: alive, under another user; zombies are reaped at once.
+         * A pid in use again belongs to a process started at another time.
+         */
 
-        if (kill(pid, 0) == 0 || ngx_errno != NGX_ESRCH) {
+        if ((kill(pid, 0) == 0 || ngx_errno != NGX_ESRCH)
+            && (slot->started == 0
+                || sg_node_started(pid) == slot->started))
+        {
             continue;
         }
 
@@ -462,8 +605,16 @@ sg_node_sweep_locked(void)
 
         sg_node_drop_slot(i);
     }
+
+    /* destinations whose reservation ran out, with no sessions */
+    sg_node_drop_slot(SG_NODE_NONE);
 }
 
+
+/*
+ * The slot's holds and reservations go (slot SG_NODE_NONE: none), and so
+ * do destinations left with neither holds nor a live reservation.
+ */
 
 static void
 sg_node_drop_slot(ngx_uint_t slot)
@@ -482,18 +633,76 @@ sg_node_drop_slot(ngx_uint_t slot)
             next = ngx_rbtree_next(tree, node);
 
             dest = (sg_node_dest_t *) node;
-            hold = sg_node_hold(dest, slot, &prev);
 
-            if (hold) {
-                sg_node_put(dest, hold, prev, hold->sessions);
+            if (dest->want.at && dest->want.slot == slot) {
+                dest->want.at = 0;
             }
+
+            prev = NULL;
+            hold = sg_node_hold(dest, slot, &prev);
+            sg_node_put(dest, hold, prev, hold ? hold->sessions : 0);
 
             node = next;
         }
     }
 
-    sg_node.sh->slots[slot].pid = 0;
-    sg_node.sh->slots[slot].connections = 0;
+    if (sg_node.sh->want.at && sg_node.sh->want.slot == slot) {
+        sg_node.sh->want.at = 0;
+    }
+
+    if (slot != SG_NODE_NONE) {
+        sg_node.sh->slots[slot].pid = 0;
+        sg_node.sh->slots[slot].connections = 0;
+    }
+}
+
+
+/* when the process started (clock ticks after boot); 0: unknown */
+
+static unsigned long long
+sg_node_started(ngx_pid_t pid)
+{
+    int                 fd;
+    char               *p;
+    ssize_t             n;
+    ngx_uint_t          field;
+    unsigned long long  started;
+    char                path[64], buf[1024];
+
+    ngx_snprintf((u_char *) path, sizeof(path) - 1, "/proc/%P/stat%Z", pid);
+
+    fd = open(path, O_RDONLY);
+    if (fd == -1) {
+        return 0;
+    }
+
+    n = read(fd, buf, sizeof(buf) - 1);
+    (void) close(fd);
+
+    if (n <= 0) {
+        return 0;
+    }
+
+    buf[n] = '\0';
+
+    /* field 2, the command name, may hold anything: count after its ')' */
+
+    p = strrchr(buf, ')');
+    if (p == NULL) {
+        return 0;
+    }
+
+    for (field = 2; field < 22 && p; field++) {
+        p = strchr(p + 1, ' ');
+    }
+
+    if (p == NULL) {
+        return 0;
+    }
+
+    started = strtoull(p + 1, NULL, 10);
+
+    return started;
 }
 
 

@@ -28,12 +28,15 @@ void sg_node_init_process(ngx_shm_zone_t *zone, ngx_log_t *log);
 void sg_node_exit_process(void);
 
 /*
- * NGX_OK: counted, open the session; NGX_BUSY: the destination has
- * dest_limit sessions on the node; NGX_DECLINED: the node has limit
- * connections.  connections: the caller's own, before this session.
+ * NGX_OK: counted, open the session; NGX_DONE: open it, not counted (the
+ * worker counts alone, or the zone is full: do not release it);
+ * NGX_BUSY: the destination has no room on the node; NGX_DECLINED: the
+ * node has none.  connections: the caller's own, before this session.
  */
 ngx_int_t sg_node_acquire(ngx_str_t *name, ngx_uint_t dest_limit,
     ngx_uint_t limit, ngx_uint_t connections);
+ngx_uint_t sg_node_yield(ngx_str_t *name, ngx_uint_t dest_limit,
+    ngx_uint_t next);
 void sg_node_release(ngx_str_t *name, ngx_uint_t connections);
 void sg_node_connections(ngx_uint_t connections);
 void sg_node_sweep(void);

@@ -1311,6 +1311,72 @@ def test_a_killed_worker_gives_its_room_on_the_node_back(W):
     sink.stop()
 
 
+def delivery_order(inst, ids):
+    """The pids of the workers that delivered messages ids, in the order
+    of their log lines."""
+    order = []
+    with open(inst.error_log) as f:
+        for line in f:
+            m = re.search(r" (\d+)#\d+: sg delivery: (\w+) to .* delivered: ",
+                          line)
+            if m and m.group(2) in ids:
+                order.append(int(m.group(1)))
+    return order
+
+
+def test_workers_take_turns_at_a_full_destination(W):
+    """Room on the node is shared fairly: with
+    sg_delivery_destination_concurrency 1 and two workers that both have
+    mail for the destination, the worker holding the session gives way
+    after each message while the other waits (its session closes; the
+    node reserves the room for the waiting worker), so their deliveries
+    alternate.  Without that, the holder's session always has a next job
+    (it keeps claiming the new mail) and would stay open until its
+    worker's last message; the other worker's messages would wait for it
+    and then for the idle timeout (30 s here)."""
+    sink = SmtpSink(delays={"dot": 0.3})
+    conf = NODE_CONF.replace("sg_delivery_idle_timeout 1s;",
+                             "sg_delivery_idle_timeout 30s;") \
+        + "sg_delivery_destination_concurrency 1;\n"
+    with W.instance(workers=2, extra_main=conf) as inst:
+        dom = W.sink_mx(sink)
+        ids = [send(W, "t%d@%s" % (i, dom)) for i in range(16)]
+        for qid in ids:
+            wait_final(W, qid, timeout=60)
+        assert len(sink.messages) == 16
+        assert peak_sessions(sink) == 1
+        order = delivery_order(inst, ids)
+        assert len(order) == 16 and len(set(order)) == 2, order
+        longest = max(len(list(g)) for _, g in itertools.groupby(order))
+        assert longest <= 3, order
+    sink.stop()
+
+
+def test_a_reload_keeps_the_node_counts(W):
+    """A reload with the same sg_delivery_concurrency keeps the shared
+    memory zone: a transaction an old worker is finishing still holds its
+    room, so the new workers open no second session to a destination
+    limited to one; they deliver once the old worker is done."""
+    sink = SmtpSink(delays={"rcpt": 3})
+    conf = DELIVERY_CONF + "sg_delivery_destination_concurrency 1;\n"
+    with W.instance(workers=2, extra_main=conf) as inst:
+        dom = W.sink_mx(sink)
+        first = send(W, "rl1@" + dom)
+        sink.wait_for(lambda: any(c.verb == "RCPT" for s in sink.sessions
+                                  for c in s.commands), timeout=20)
+        inst.nginx.reload()
+        second = send(W, "rl2@" + dom)
+        for qid in (first, second):
+            e = wait_final(W, qid, timeout=30)
+            assert states(e) == {r: "delivered" for r in states(e)}
+        assert len(sink.messages) == 2
+        assert peak_sessions(sink) == 1, [(x.started, x.quit_at, x.ended)
+                                          for x in sink.sessions]
+        with open(inst.error_log, errors="replace") as f:
+            assert "gracefully shutting down" in f.read()
+    sink.stop()
+
+
 def test_8bit_message_bounces_at_a_next_hop_without_8bitmime(W):
     """RFC 6152, 3: 8-bit data is never sent to a server that does not
     offer 8BITMIME: the recipient bounces with 5.6.3."""
