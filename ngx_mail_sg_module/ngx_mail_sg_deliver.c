@@ -39,7 +39,9 @@
 #define SG_DLV_DSN_BATCH        20
 #define SG_DLV_CLAIM_BODY_MAX   32768    /* octets: bodies claimed along */
 #define SG_DLV_NODE_WAIT        250      /* ms between looks for room on
-                                            the node */
+                                            the node, and between an idle
+                                            session's looks for a worker
+                                            waiting for its room */
 
 
 typedef struct sg_dlv_dest_s  sg_dlv_dest_t;
@@ -151,6 +153,8 @@ struct sg_dlv_sess_s {
     sg_dlv_sess_t       *self;
     ngx_queue_t          link;               /* dest->idle */
     ngx_event_t          idle;
+    ngx_msec_t           idle_since;
+    ngx_queue_t          idle_all;           /* sg_dlv.idle */
 
     sg_dns_route_t      *route;              /* the walk's, held: the
                                                 destination may have a
@@ -197,6 +201,10 @@ typedef struct {
     ngx_rbtree_t         dests;
     ngx_rbtree_node_t    sentinel;
     ngx_queue_t          waiting;            /* dests with jobs and room */
+    ngx_queue_t          idle;               /* idle sessions, oldest
+                                                first */
+    unsigned             total_full:1;       /* a destination waits for
+                                                room in all */
 
     ngx_uint_t           sessions;
     ngx_uint_t           jobs;               /* in memory, unfinished */
@@ -276,6 +284,7 @@ static void sg_dlv_dest_fail_all(sg_dlv_dest_t *dest, ngx_uint_t bounce,
     const char *status, const char *reply);
 static void sg_dlv_dest_free(sg_dlv_dest_t *dest);
 static void sg_dlv_run_waiting(void);
+static void sg_dlv_sess_idle_close(sg_dlv_sess_t *sess);
 static void sg_dlv_node_wait_handler(ngx_event_t *ev);
 static ngx_uint_t sg_dlv_connections(void);
 static void sg_dlv_client_closed(void);
@@ -943,6 +952,7 @@ sg_dlv_init_process(ngx_cycle_t *cycle)
     ngx_rbtree_init(&sg_dlv.dests, &sg_dlv.sentinel,
                     ngx_str_rbtree_insert_value);
     ngx_queue_init(&sg_dlv.waiting);
+    ngx_queue_init(&sg_dlv.idle);
     ngx_queue_init(&sg_dlv.body_waiting);
     ngx_queue_init(&sg_dlv.all_jobs);
 
@@ -1974,6 +1984,7 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
         q = ngx_queue_head(&dest->idle);
         sess = ngx_queue_data(q, sg_dlv_sess_t, link);
         ngx_queue_remove(q);
+        ngx_queue_remove(&sess->idle_all);
 
         if (sess->idle.timer_set) {
             ngx_del_timer(&sess->idle);
@@ -2001,6 +2012,7 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
 
         if (rc != NGX_OK && rc != NGX_DONE) {
             node_full = 1;
+            sg_dlv.total_full |= (rc == NGX_DECLINED);
             break;
         }
 
@@ -2016,17 +2028,24 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
         }
     }
 
-    if (!ngx_queue_empty(&dest->jobs) && !dest->in_waiting
+    if (!ngx_queue_empty(&dest->jobs)
         && dest->sessions < sg_dlv.conf->dest_concurrency
         && !ngx_exiting)
     {
+        if (sg_dlv_connections() >= sg_dlv.conf->concurrency) {
+            node_full = 1;
+            sg_dlv.total_full = 1;
+        }
+
         /*
          * no room in the worker: when one of its sessions ends; no room
          * on the node: also when SG_DLV_NODE_WAIT has passed (other
          * workers do not say when theirs end)
          */
-        ngx_queue_insert_tail(&sg_dlv.waiting, &dest->waiting);
-        dest->in_waiting = 1;
+        if (!dest->in_waiting) {
+            ngx_queue_insert_tail(&sg_dlv.waiting, &dest->waiting);
+            dest->in_waiting = 1;
+        }
     }
 
     if (node_full && dest->in_waiting && !sg_dlv.node_wait.timer_set) {
@@ -2259,11 +2278,28 @@ sg_dlv_run_waiting(void)
 static void
 sg_dlv_node_wait_handler(ngx_event_t *ev)
 {
+    sg_dlv_sess_t  *sess;
+
     if (!sg_dlv.running || ngx_exiting) {
         return;
     }
 
     sg_node_sweep();
+
+    /*
+     * Mail waits for room in all (in the worker or on the node): the
+     * connection idle the longest, kept for a destination without mail,
+     * closes for it (one each time: its QUIT counts until it is closed).
+     */
+
+    if (sg_dlv.total_full && !ngx_queue_empty(&sg_dlv.idle)) {
+        sess = ngx_queue_data(ngx_queue_head(&sg_dlv.idle), sg_dlv_sess_t,
+                              idle_all);
+        sg_dlv_sess_idle_close(sess);
+    }
+
+    sg_dlv.total_full = 0;
+
     sg_dlv_run_waiting();
 }
 
@@ -3191,7 +3227,7 @@ sg_dlv_sess_done(sg_dlv_sess_t *sess)
 
     yield = sess->node_counted
             && sg_node_yield(&dest->sn.str, sg_dlv.conf->dest_concurrency,
-                             next);
+                             sg_dlv.conf->concurrency, next);
 
     if (yield) {
         ngx_log_debug1(NGX_LOG_DEBUG_MAIL, sg_dlv.log, 0,
@@ -3211,7 +3247,10 @@ sg_dlv_sess_done(sg_dlv_sess_t *sess)
 
     if (sess->client && !yield && !ngx_exiting && !ngx_terminate) {
         ngx_queue_insert_tail(&dest->idle, &sess->link);
-        ngx_add_timer(&sess->idle, sg_dlv.conf->idle_timeout);
+        ngx_queue_insert_tail(&sg_dlv.idle, &sess->idle_all);
+        sess->idle_since = ngx_current_msec;
+        ngx_add_timer(&sess->idle, ngx_min(sg_dlv.conf->idle_timeout,
+                                           SG_DLV_NODE_WAIT));
         return;
     }
 
@@ -3226,7 +3265,7 @@ sg_dlv_sess_done(sg_dlv_sess_t *sess)
 static void
 sg_dlv_sess_idle_handler(ngx_event_t *ev)
 {
-    ngx_queue_t    *q;
+    ngx_msec_t      elapsed;
     sg_dlv_sess_t  *sess;
     sg_dlv_dest_t  *dest;
 
@@ -3235,14 +3274,49 @@ sg_dlv_sess_idle_handler(ngx_event_t *ev)
     sess = (sg_dlv_sess_t *) ((u_char *) ev - offsetof(sg_dlv_sess_t, idle));
     dest = sess->dest;
 
+    /*
+     * sg_delivery_idle_timeout; before that, a worker waiting for the
+     * room this connection holds on the node
+     */
+
+    elapsed = ngx_current_msec - sess->idle_since;
+
+    if (elapsed < sg_dlv.conf->idle_timeout && !ngx_exiting
+        && !(sess->node_counted
+             && sg_node_yield(&dest->sn.str, sg_dlv.conf->dest_concurrency,
+                              sg_dlv.conf->concurrency, 0)))
+    {
+        ngx_add_timer(&sess->idle,
+                      ngx_min(sg_dlv.conf->idle_timeout - elapsed,
+                              SG_DLV_NODE_WAIT));
+        return;
+    }
+
+    sg_dlv_sess_idle_close(sess);
+}
+
+
+static void
+sg_dlv_sess_idle_close(sg_dlv_sess_t *sess)
+{
+    ngx_queue_t    *q;
+    sg_dlv_dest_t  *dest;
+
+    dest = sess->dest;
+
     for (q = ngx_queue_head(&dest->idle);
          q != ngx_queue_sentinel(&dest->idle);
          q = ngx_queue_next(q))
     {
         if (q == &sess->link) {
             ngx_queue_remove(q);
+            ngx_queue_remove(&sess->idle_all);
             break;
         }
+    }
+
+    if (sess->idle.timer_set) {
+        ngx_del_timer(&sess->idle);
     }
 
     sg_dlv_sess_close(sess);

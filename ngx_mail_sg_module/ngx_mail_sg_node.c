@@ -90,7 +90,9 @@ static sg_node_hold_t *sg_node_hold(sg_node_dest_t *dest, ngx_uint_t slot,
 static void sg_node_put(sg_node_dest_t *dest, sg_node_hold_t *hold,
     sg_node_hold_t **prev, ngx_uint_t sessions);
 static ngx_uint_t sg_node_wanted(sg_node_want_t *want);
+static ngx_uint_t sg_node_live(sg_node_want_t *want);
 static void sg_node_want(sg_node_want_t *want);
+static void sg_node_unwant(sg_node_want_t *want);
 static void sg_node_sweep_locked(void);
 static void sg_node_drop_slot(ngx_uint_t slot);
 static unsigned long long sg_node_started(ngx_pid_t pid);
@@ -280,19 +282,27 @@ sg_node_acquire(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
 
     reserved = sg_node_wanted(&sg_node.sh->want);
 
+    dest = sg_node_lookup(name);
+
+    /*
+     * A worker waits for one kind of room at a time: a reservation of the
+     * other kind it holds would keep room from the others meanwhile (two
+     * workers could each hold what the other waits for).
+     */
+
     if (total + reserved >= limit) {
         sg_node_want(&sg_node.sh->want);
+        sg_node_unwant(dest ? &dest->want : NULL);
         rc = NGX_DECLINED;
         goto done;
     }
-
-    dest = sg_node_lookup(name);
 
     if (dest) {
         reserved = sg_node_wanted(&dest->want);
 
         if (dest->sessions + reserved >= dest_limit) {
             sg_node_want(&dest->want);
+            sg_node_unwant(&sg_node.sh->want);
             rc = NGX_BUSY;
             goto done;
         }
@@ -343,13 +353,8 @@ sg_node_acquire(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
 
     /* a reservation of this worker is used */
 
-    if (dest->want.at && dest->want.slot == sg_node.slot) {
-        dest->want.at = 0;
-    }
-
-    if (sg_node.sh->want.at && sg_node.sh->want.slot == sg_node.slot) {
-        sg_node.sh->want.at = 0;
-    }
+    sg_node_unwant(&dest->want);
+    sg_node_unwant(&sg_node.sh->want);
 
 done:
 
@@ -376,27 +381,34 @@ full:
  */
 
 ngx_uint_t
-sg_node_yield(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t next)
+sg_node_yield(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
+    ngx_uint_t next)
 {
-    ngx_uint_t       yield, interested;
+    ngx_uint_t       i, yield, interested, total;
     sg_node_dest_t  *dest;
+    sg_node_slot_t  *slots;
     sg_node_hold_t  *hold, *h, **prev;
 
     if (sg_node.sh == NULL) {
         return 0;
     }
 
+    slots = sg_node.sh->slots;
     yield = 0;
 
     ngx_shmtx_lock(&sg_node.shpool->mutex);
 
+    /*
+     * Only while the waiting worker has no room: once one session has
+     * given way, the others go on.  A session without a next job gives
+     * way; one with a next job if its worker holds more than its share
+     * (the limit divided among the workers holding room or waiting).
+     */
+
     dest = sg_node_lookup(name);
 
-    if (dest && sg_node_wanted(&dest->want)) {
-        hold = sg_node_hold(dest, sg_node.slot, &prev);
-
-        /* the workers holding sessions here, and the one waiting */
-
+    if (dest && dest->sessions >= dest_limit && sg_node_wanted(&dest->want))
+    {
         interested = 0;
 
         for (h = dest->holds; h; h = h->next) {
@@ -407,13 +419,30 @@ sg_node_yield(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t next)
             interested++;
         }
 
+        hold = sg_node_hold(dest, sg_node.slot, &prev);
+
         yield = !next
                 || (hold && hold->sessions > dest_limit / interested);
     }
 
-    if (!next && sg_node_wanted(&sg_node.sh->want)) {
-        /* an idle connection would keep another worker's mail waiting */
-        yield = 1;
+    if (!yield && sg_node_wanted(&sg_node.sh->want)) {
+        total = 0;
+        interested = 0;
+
+        for (i = 0; i < SG_NODE_SLOTS; i++) {
+            if (slots[i].pid && slots[i].connections) {
+                total += slots[i].connections;
+                interested++;
+            }
+        }
+
+        if (slots[sg_node.sh->want.slot].connections == 0) {
+            interested++;
+        }
+
+        yield = total >= limit
+                && (!next || slots[sg_node.slot].connections
+                             > limit / interested);
     }
 
     ngx_shmtx_unlock(&sg_node.shpool->mutex);
@@ -528,9 +557,9 @@ sg_node_put(sg_node_dest_t *dest, sg_node_hold_t *hold, sg_node_hold_t **prev,
         }
     }
 
-    /* a reservation keeps it: the waiting worker's claim is in it */
+    /* a live reservation keeps it (the waiting worker's turn is in it) */
 
-    if (dest->holds == NULL && !sg_node_wanted(&dest->want)) {
+    if (dest->holds == NULL && !sg_node_live(&dest->want)) {
         ngx_rbtree_delete(&sg_node.sh->tree, &dest->sn.node);
         ngx_slab_free_locked(sg_node.shpool, dest);
     }
@@ -542,7 +571,16 @@ sg_node_put(sg_node_dest_t *dest, sg_node_hold_t *hold, sg_node_hold_t **prev,
 static ngx_uint_t
 sg_node_wanted(sg_node_want_t *want)
 {
-    if (want->at == 0 || want->slot == sg_node.slot) {
+    return want->slot != sg_node.slot && sg_node_live(want);
+}
+
+
+/* a live reservation, whoever made it; one that ran out is cleared */
+
+static ngx_uint_t
+sg_node_live(sg_node_want_t *want)
+{
+    if (want->at == 0) {
         return 0;
     }
 
@@ -554,6 +592,17 @@ sg_node_wanted(sg_node_want_t *want)
     }
 
     return 1;
+}
+
+
+/* this worker's reservation, if it is one, goes */
+
+static void
+sg_node_unwant(sg_node_want_t *want)
+{
+    if (want && want->at && want->slot == sg_node.slot) {
+        want->at = 0;
+    }
 }
 
 
@@ -574,9 +623,10 @@ sg_node_want(sg_node_want_t *want)
 static void
 sg_node_sweep_locked(void)
 {
-    ngx_uint_t       i;
-    ngx_pid_t        pid;
-    sg_node_slot_t  *slot;
+    ngx_uint_t           i;
+    ngx_pid_t            pid;
+    sg_node_slot_t      *slot;
+    unsigned long long   started;
 
     for (i = 0; i < SG_NODE_SLOTS; i++) {
         slot = &sg_node.sh->slots[i];
@@ -591,11 +641,14 @@ sg_node_sweep_locked(void)
          * A pid in use again belongs to a process started at another time.
          */
 
-        if ((kill(pid, 0) == 0 || ngx_errno != NGX_ESRCH)
-            && (slot->started == 0
-                || sg_node_started(pid) == slot->started))
-        {
-            continue;
+        if (kill(pid, 0) == 0 || ngx_errno != NGX_ESRCH) {
+            started = slot->started ? sg_node_started(pid) : 0;
+
+            /* 0: /proc does not say (hidepid): taken as the same process */
+
+            if (started == 0 || started == slot->started) {
+                continue;
+            }
         }
 
         ngx_log_error(NGX_LOG_NOTICE, sg_node.log, 0,

@@ -513,7 +513,8 @@ class Transaction:
     mail_from, mail_params (dict), mail_line, rcpts [Rcpt], data (bytes,
     dot-unstuffed, None until DATA/BDAT), data_raw (bytes as received, without
     the final '.' line), complete (the final '.' or BDAT LAST arrived),
-    final_reply, queue_id (in the sink's 250), tls, bdat, data_pipelined
+    final_reply, final_at (time.time() as the final reply was sent), queue_id
+    (in the sink's 250), tls, bdat, data_pipelined
     (message bytes arrived before the 354), bare_lf (a line ended in a bare
     LF), aborted (RSET/new session/drop before completion), session."""
 
@@ -525,6 +526,7 @@ class Transaction:
         self.data_raw = None
         self.complete = False
         self.final_reply = None
+        self.final_at = None
         self.queue_id = None
         self.tls = session.tls
         self.bdat = False
@@ -994,6 +996,7 @@ class _Handler:
         if cmd is not None:
             cmd.reply = wire.rstrip("\r\n")
         self.pre = len(self.buf)
+        self.sent_at = time.time()      # the reply leaves now
         self.sock.sendall(wire.encode("utf-8") + extra)
         if text.startswith("421"):
             raise _Drop("421")
@@ -1230,6 +1233,7 @@ class _Handler:
         txn.queue_id = m.group(1) if m and reply.startswith("2") else None
         txn.final_reply = _format_reply(reply).rstrip("\r\n")
         self.send(reply, step, cmd)
+        txn.final_at = self.sent_at
 
 
 # ------------------------------------------------------------ Postfix MX
