@@ -2271,6 +2271,17 @@ sg_dlv_run_waiting(void)
 
         ngx_queue_init(&sg_dlv.waiting);
         ngx_queue_add(&sg_dlv.waiting, &turn);
+
+        /* no room in the worker: its idle connections may have to go */
+        sg_dlv.total_full = 1;
+    }
+
+    /* while mail waits, look again: room may come from other workers */
+
+    if (!ngx_queue_empty(&sg_dlv.waiting) && !sg_dlv.node_wait.timer_set
+        && !ngx_exiting)
+    {
+        ngx_add_timer(&sg_dlv.node_wait, SG_DLV_NODE_WAIT);
     }
 }
 
@@ -2292,15 +2303,17 @@ sg_dlv_node_wait_handler(ngx_event_t *ev)
      * closes for it (one each time: its QUIT counts until it is closed).
      */
 
-    if (sg_dlv.total_full && !ngx_queue_empty(&sg_dlv.idle)) {
+    sg_dlv.total_full = 0;
+
+    sg_dlv_run_waiting();
+
+    if (sg_dlv.total_full && !ngx_queue_empty(&sg_dlv.waiting)
+        && !ngx_queue_empty(&sg_dlv.idle))
+    {
         sess = ngx_queue_data(ngx_queue_head(&sg_dlv.idle), sg_dlv_sess_t,
                               idle_all);
         sg_dlv_sess_idle_close(sess);
     }
-
-    sg_dlv.total_full = 0;
-
-    sg_dlv_run_waiting();
 }
 
 
@@ -3243,6 +3256,15 @@ sg_dlv_sess_done(sg_dlv_sess_t *sess)
 
         sg_dlv_sess_job(sess, job);
         return;
+    }
+
+    /* this worker's mail for other destinations waits for room in all */
+
+    if (!next && !ngx_queue_empty(&sg_dlv.waiting)
+        && (sg_dlv.total_full
+            || sg_dlv_connections() >= sg_dlv.conf->concurrency))
+    {
+        yield = 1;
     }
 
     if (sess->client && !yield && !ngx_exiting && !ngx_terminate) {

@@ -56,6 +56,8 @@ struct sg_node_hold_s {
 typedef struct {
     ngx_uint_t           slot;
     ngx_msec_t           at;
+    ngx_uint_t           served;             /* a connection gave way for
+                                                it: no other needs to */
 } sg_node_want_t;
 
 
@@ -384,10 +386,10 @@ ngx_uint_t
 sg_node_yield(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
     ngx_uint_t next)
 {
-    ngx_uint_t       i, yield, interested, total;
+    ngx_uint_t       i, yield, total, mine, theirs;
     sg_node_dest_t  *dest;
     sg_node_slot_t  *slots;
-    sg_node_hold_t  *hold, *h, **prev;
+    sg_node_hold_t  *hold, **prev;
 
     if (sg_node.sh == NULL) {
         return 0;
@@ -399,50 +401,47 @@ sg_node_yield(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
     ngx_shmtx_lock(&sg_node.shpool->mutex);
 
     /*
-     * Only while the waiting worker has no room: once one session has
-     * given way, the others go on.  A session without a next job gives
-     * way; one with a next job if its worker holds more than its share
-     * (the limit divided among the workers holding room or waiting).
+     * Only while the waiting worker has no room: once a session has given
+     * way, the others go on.  A session without a next job gives way; one
+     * with a next job if its worker holds two more than the waiting one,
+     * or any while the waiting one holds none (so the counts settle
+     * within one of each other, and a limit smaller than the workers
+     * waiting goes round).
      */
 
     dest = sg_node_lookup(name);
 
     if (dest && dest->sessions >= dest_limit && sg_node_wanted(&dest->want))
     {
-        interested = 0;
-
-        for (h = dest->holds; h; h = h->next) {
-            interested++;
-        }
-
-        if (sg_node_hold(dest, dest->want.slot, &prev) == NULL) {
-            interested++;
-        }
-
         hold = sg_node_hold(dest, sg_node.slot, &prev);
+        mine = hold ? hold->sessions : 0;
 
-        yield = !next
-                || (hold && hold->sessions > dest_limit / interested);
+        hold = sg_node_hold(dest, dest->want.slot, &prev);
+        theirs = hold ? hold->sessions : 0;
+
+        yield = !next || mine > theirs + (theirs ? 1 : 0);
     }
 
-    if (!yield && sg_node_wanted(&sg_node.sh->want)) {
+    /* connections saying QUIT count: one that gave way serves the wait */
+
+    if (!yield && sg_node_wanted(&sg_node.sh->want)
+        && !sg_node.sh->want.served)
+    {
         total = 0;
-        interested = 0;
 
         for (i = 0; i < SG_NODE_SLOTS; i++) {
-            if (slots[i].pid && slots[i].connections) {
+            if (slots[i].pid) {
                 total += slots[i].connections;
-                interested++;
             }
         }
 
-        if (slots[sg_node.sh->want.slot].connections == 0) {
-            interested++;
-        }
+        mine = slots[sg_node.slot].connections;
+        theirs = slots[sg_node.sh->want.slot].connections;
 
         yield = total >= limit
-                && (!next || slots[sg_node.slot].connections
-                             > limit / interested);
+                && (!next || mine > theirs + (theirs ? 1 : 0));
+
+        sg_node.sh->want.served = yield;
     }
 
     ngx_shmtx_unlock(&sg_node.shpool->mutex);
@@ -613,6 +612,12 @@ sg_node_want(sg_node_want_t *want)
 {
     if (sg_node_wanted(want)) {
         return;
+    }
+
+    /* this worker's own is renewed; a new one is not served yet */
+
+    if (!sg_node_live(want)) {
+        want->served = 0;
     }
 
     want->slot = sg_node.slot;

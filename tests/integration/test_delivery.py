@@ -1344,18 +1344,18 @@ def test_workers_take_turns_at_a_full_destination(W):
 
 
 def test_workers_share_a_destination_limit_without_churn(W):
-    """With sg_delivery_destination_concurrency 4 and two workers, each
-    gets its share (2): the one holding more gives way until the shares
-    are even, and from then on sessions within their share carry one
-    message after another: 32 messages over at most 8 connections (4 in
-    the runs so far; a build whose sessions gave way after every message
-    while the other worker waited opened 14)."""
+    """With sg_delivery_destination_concurrency 3 and two workers, the
+    one holding more gives way until their sessions differ by at most
+    one (2 and 1: a limit that does not divide evenly), and from then on
+    every session carries one message after another: 32 messages over at
+    most 8 connections.  (A build whose sessions gave way after every
+    message while the other worker waited opened 14 with a limit of 4.)"""
     sink = SmtpSink(delays={"dot": 0.5})
-    conf = BUSY_CONF + "sg_delivery_destination_concurrency 4;\n"
+    conf = BUSY_CONF + "sg_delivery_destination_concurrency 3;\n"
     with W.instance(workers=2, extra_main=conf) as inst:
         ids = deliver_many(W, W.sink_mx(sink), "w", 32)
         assert len(sink.messages) == 32
-        assert peak_busy(sink) <= 4
+        assert peak_busy(sink) <= 3
         assert len(set(delivery_order(inst, ids))) == 2
         assert len(sink.sessions) <= 8, len(sink.sessions)
     sink.stop()
@@ -1383,6 +1383,57 @@ def test_workers_share_the_node_limit(W):
         assert longest <= 5, order
     for sink in sinks:
         sink.stop()
+
+
+def test_an_idle_connection_gives_way_to_another_workers_mail(W):
+    """sg_delivery_destination_concurrency 1, two workers, connections
+    kept idle for an hour: messages sent one at a time are claimed by
+    either worker, and when the one without the connection gets one, the
+    other's idle connection closes for it (it looks every 250 ms for a
+    worker waiting for its room).  A connection that stayed idle would
+    hold that message for the hour."""
+    sink = SmtpSink()
+    conf = (DELIVERY_CONF.replace("sg_delivery_idle_timeout 1s;",
+                                  "sg_delivery_idle_timeout 1h;")
+            + "sg_delivery_batch 1;\n"
+              "sg_delivery_destination_concurrency 1;\n")
+    with W.instance(workers=2, extra_main=conf) as inst:
+        dom = W.sink_mx(sink)
+        ids = []
+        for i in range(12):
+            ids.append(send(W, "i%d@%s" % (i, dom)))
+            wait_final(W, ids[-1], timeout=20)
+        assert len(sink.messages) == 12
+        assert peak_busy(sink) == 1
+        # each change of worker was a connection given up for the other
+        order = delivery_order(inst, ids)
+        changes = sum(1 for a, b in zip(order, order[1:]) if a != b)
+        assert len(sink.sessions) == changes + 1, order
+    sink.stop()
+
+
+def test_mail_for_another_destination_takes_an_idle_connections_room(W):
+    """sg_delivery_concurrency 1, one worker, connections kept idle for an
+    hour: after a message to one destination its connection stays open
+    for the next; a message to another destination needs that room, so
+    the idle connection says QUIT and the message goes, rather than
+    waiting for the hour."""
+    sink_a, sink_b = SmtpSink(), SmtpSink()
+    conf = (DELIVERY_CONF.replace("sg_delivery_idle_timeout 1s;",
+                                  "sg_delivery_idle_timeout 1h;")
+            + "sg_delivery_concurrency 1;\n")
+    with W.instance(extra_main=conf):
+        first = send(W, "ia@" + W.sink_mx(sink_a))
+        wait_final(W, first)
+        assert sink_a.sessions[0].quit_at is None        # kept, idle
+        second = send(W, "ib@" + W.sink_mx(sink_b))
+        e = wait_final(W, second, timeout=20)
+        assert states(e) == {"ib@" + e["recipients"][0]["domain"]:
+                             "delivered"}
+        assert sink_a.sessions[0].quit_at is not None
+        assert len(sink_a.sessions) == 1 and len(sink_b.messages) == 1
+    sink_a.stop()
+    sink_b.stop()
 
 
 def test_a_reload_keeps_the_node_counts(W):
