@@ -1188,7 +1188,8 @@ def test_delete_evicts_redis_and_memory(env):
     sg_mta_sts), the next lookup fetches again; audited."""
     env.publish("evict.sts.test", txt_id="e1")
     env.lookup("evict.sts.test")
-    assert env.hosts.requests("evict.sts.test") == 1
+    # the policy host logs a GET after sg has its answer: wait for the line
+    wait_for(lambda: env.hosts.requests("evict.sts.test") == 1, timeout=10)
     r = sgtest.api(env.sg, "DELETE", POLICY_PATH + "evict.sts.test")
     assert r.status_code == 204, r.text
     assert redis_keys(env.sg.redis, "sg:mta-sts*:evict.sts.test") == []
@@ -1199,7 +1200,7 @@ def test_delete_evicts_redis_and_memory(env):
              open(env.sg.error_log, errors="replace").read(), timeout=10)
     body = env.lookup("evict.sts.test")
     assert body["source"] == "fetched"
-    assert env.hosts.requests("evict.sts.test") == 2
+    wait_for(lambda: env.hosts.requests("evict.sts.test") == 2, timeout=10)
 
     with env.sg.pg.connect() as conn:
         cur = conn.cursor()
