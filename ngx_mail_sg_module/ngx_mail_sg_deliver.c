@@ -2307,8 +2307,15 @@ sg_dlv_node_wait_handler(ngx_event_t *ev)
 
     sg_dlv_run_waiting();
 
+    /*
+     * the worker is full by its own count, or it waits for room on the
+     * node and no connection has given way for it yet
+     */
+
     if (sg_dlv.total_full && !ngx_queue_empty(&sg_dlv.waiting)
-        && !ngx_queue_empty(&sg_dlv.idle))
+        && !ngx_queue_empty(&sg_dlv.idle)
+        && (sg_dlv_connections() >= sg_dlv.conf->concurrency
+            || sg_node_serve_own()))
     {
         sess = ngx_queue_data(ngx_queue_head(&sg_dlv.idle), sg_dlv_sess_t,
                               idle_all);
@@ -3261,8 +3268,7 @@ sg_dlv_sess_done(sg_dlv_sess_t *sess)
     /* this worker's mail for other destinations waits for room in all */
 
     if (!next && !ngx_queue_empty(&sg_dlv.waiting)
-        && (sg_dlv.total_full
-            || sg_dlv_connections() >= sg_dlv.conf->concurrency))
+        && sg_dlv_connections() >= sg_dlv.conf->concurrency)
     {
         yield = 1;
     }

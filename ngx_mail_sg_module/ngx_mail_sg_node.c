@@ -58,6 +58,8 @@ typedef struct {
     ngx_msec_t           at;
     ngx_uint_t           served;             /* a connection gave way for
                                                 it: no other needs to */
+    ngx_msec_t           served_at;          /* ... unless that was
+                                                SG_NODE_WANT_TTL ago */
 } sg_node_want_t;
 
 
@@ -95,6 +97,8 @@ static ngx_uint_t sg_node_wanted(sg_node_want_t *want);
 static ngx_uint_t sg_node_live(sg_node_want_t *want);
 static void sg_node_want(sg_node_want_t *want);
 static void sg_node_unwant(sg_node_want_t *want);
+static ngx_uint_t sg_node_served(sg_node_want_t *want);
+static void sg_node_serve(sg_node_want_t *want);
 static void sg_node_sweep_locked(void);
 static void sg_node_drop_slot(ngx_uint_t slot);
 static unsigned long long sg_node_started(ngx_pid_t pid);
@@ -425,7 +429,7 @@ sg_node_yield(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
     /* connections saying QUIT count: one that gave way serves the wait */
 
     if (!yield && sg_node_wanted(&sg_node.sh->want)
-        && !sg_node.sh->want.served)
+        && !sg_node_served(&sg_node.sh->want))
     {
         total = 0;
 
@@ -441,7 +445,9 @@ sg_node_yield(ngx_str_t *name, ngx_uint_t dest_limit, ngx_uint_t limit,
         yield = total >= limit
                 && (!next || mine > theirs + (theirs ? 1 : 0));
 
-        sg_node.sh->want.served = yield;
+        if (yield) {
+            sg_node_serve(&sg_node.sh->want);
+        }
     }
 
     ngx_shmtx_unlock(&sg_node.shpool->mutex);
@@ -477,6 +483,38 @@ sg_node_release(ngx_str_t *name, ngx_uint_t connections)
     }
 
     ngx_shmtx_unlock(&sg_node.shpool->mutex);
+}
+
+
+/*
+ * This worker waits for room on the node and has an idle connection: it
+ * closes it for its own mail (1) unless a connection already gave way.
+ */
+
+ngx_uint_t
+sg_node_serve_own(void)
+{
+    ngx_uint_t       serve;
+    sg_node_want_t  *want;
+
+    if (sg_node.sh == NULL) {
+        return 0;
+    }
+
+    ngx_shmtx_lock(&sg_node.shpool->mutex);
+
+    want = &sg_node.sh->want;
+
+    serve = want->slot == sg_node.slot && sg_node_live(want)
+            && !sg_node_served(want);
+
+    if (serve) {
+        sg_node_serve(want);
+    }
+
+    ngx_shmtx_unlock(&sg_node.shpool->mutex);
+
+    return serve;
 }
 
 
@@ -591,6 +629,25 @@ sg_node_live(sg_node_want_t *want)
     }
 
     return 1;
+}
+
+
+/* a connection gave way for the reservation, lately */
+
+static ngx_uint_t
+sg_node_served(sg_node_want_t *want)
+{
+    return want->served
+           && (ngx_msec_int_t) (ngx_current_msec - want->served_at)
+              < SG_NODE_WANT_TTL;
+}
+
+
+static void
+sg_node_serve(sg_node_want_t *want)
+{
+    want->served = 1;
+    want->served_at = ngx_current_msec;
 }
 
 

@@ -38,6 +38,7 @@ ngx_int_t sg_node_acquire(ngx_str_t *name, ngx_uint_t dest_limit,
 ngx_uint_t sg_node_yield(ngx_str_t *name, ngx_uint_t dest_limit,
     ngx_uint_t limit, ngx_uint_t next);
 void sg_node_release(ngx_str_t *name, ngx_uint_t connections);
+ngx_uint_t sg_node_serve_own(void);
 void sg_node_connections(ngx_uint_t connections);
 void sg_node_sweep(void);
 

@@ -1408,6 +1408,8 @@ def test_an_idle_connection_gives_way_to_another_workers_mail(W):
         # each change of worker was a connection given up for the other
         order = delivery_order(inst, ids)
         changes = sum(1 for a, b in zip(order, order[1:]) if a != b)
+        # (both workers claim: one worker claiming all 12 is 1 in 2048)
+        assert changes >= 1, order
         assert len(sink.sessions) == changes + 1, order
     sink.stop()
 
