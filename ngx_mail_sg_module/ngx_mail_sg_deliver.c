@@ -3270,6 +3270,9 @@ sg_dlv_sess_done(sg_dlv_sess_t *sess)
     if (!next && !ngx_queue_empty(&sg_dlv.waiting)
         && sg_dlv_connections() >= sg_dlv.conf->concurrency)
     {
+        ngx_log_debug1(NGX_LOG_DEBUG_MAIL, sg_dlv.log, 0,
+                       "sg delivery: %V: a session closes for this worker's"
+                       " mail to other destinations", &dest->sn.str);
         yield = 1;
     }
 

@@ -1438,6 +1438,33 @@ def test_mail_for_another_destination_takes_an_idle_connections_room(W):
     sink_b.stop()
 
 
+def test_a_session_does_not_idle_while_its_workers_mail_waits(W):
+    """sg_delivery_concurrency 1, one worker: a message to a second
+    destination arrives while the only connection is sending to the
+    first.  When that transaction ends, the session closes at once for
+    the waiting mail instead of going idle (the debug log says so), and
+    the second message goes."""
+    sink_a, sink_b = SmtpSink(delays={"dot": 1.0}), SmtpSink()
+    conf = (DELIVERY_CONF.replace("sg_delivery_idle_timeout 1s;",
+                                  "sg_delivery_idle_timeout 1h;")
+            + "sg_delivery_concurrency 1;\n")
+    with W.instance(extra_main=conf) as inst:
+        first = send(W, "wa@" + W.sink_mx(sink_a))
+        sink_a.wait_for(lambda: any(c.verb == "DATA" for s in sink_a.sessions
+                                    for c in s.commands), timeout=20)
+        dom_b = W.sink_mx(sink_b)
+        second = send(W, "wb@" + dom_b)
+        for qid in (first, second):
+            wait_final(W, qid)
+        assert len(sink_b.messages) == 1
+        with open(inst.error_log, errors="replace") as f:
+            log = f.read()
+        assert "a session closes for this worker's mail to other" \
+               " destinations" in log
+    sink_a.stop()
+    sink_b.stop()
+
+
 def test_a_reload_keeps_the_node_counts(W):
     """A reload with the same sg_delivery_concurrency keeps the shared
     memory zone: a transaction an old worker is finishing still holds its
