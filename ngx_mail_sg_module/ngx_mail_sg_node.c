@@ -1,20 +1,23 @@
 /*
  * sg: node-wide delivery connection counts, in shared memory.
  *
- * The zone "sg_delivery" holds a slot per delivering process (its pid and
- * its connections) and a tree of the destinations that have sessions,
- * each with the sessions of every slot that holds some (a "hold").  A
- * worker takes a slot when it starts and frees it when it exits.
+ * The zone "sg_delivery" holds a slot per delivering process (its pid,
+ * start time and connections) and a tree of the destinations that have
+ * sessions, each with the sessions of every slot that holds some (a
+ * "hold").  A worker takes a slot when it starts and frees it when it
+ * exits.
  *
  * Room is shared fairly.  A worker refused room for a destination (or on
  * the node) reserves the next free one for SG_NODE_WANT_TTL, renewing the
  * reservation each time it asks again; meanwhile others get no room that
- * would take it, and sessions of other workers give way
- * (sg_node_yield): one that has no next job closes instead of idling, and
- * one that has a next job closes if its worker holds more than its share
- * of the destination (the limit divided among the workers holding or
- * wanting it).  Without this, a worker whose sessions always have a next
- * job would keep the other workers' mail waiting as long as mail comes.
+ * would take it, and sessions of other workers give way while the
+ * waiting worker has no room (sg_node_yield): one that has no next job
+ * closes instead of idling, and one that has a next job closes if its
+ * worker holds two more than the waiting worker, or any while the waiting
+ * worker holds none.  For the node's room one connection giving way
+ * serves the reservation.  Without this, a worker whose sessions always
+ * have a next job would keep the other workers' mail waiting as long as
+ * mail comes.
  *
  * A worker killed or crashed leaves its slot behind.  Any worker that
  * finds a slot whose process is gone (kill(pid, 0) says ESRCH, or the pid
