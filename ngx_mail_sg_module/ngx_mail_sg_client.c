@@ -169,6 +169,7 @@ static void sg_client_lost(sg_client_t *sc, const char *reason);
 static void sg_client_post_report(sg_client_t *sc);
 static void sg_client_report_handler(ngx_event_t *ev);
 static void sg_client_quit(sg_client_t *sc);
+static void sg_client_count_closing(sg_client_t *sc);
 static void sg_client_finalize(sg_client_t *sc);
 static void sg_client_shutdown_handler(ngx_connection_t *c);
 static void sg_client_close_connection(sg_client_t *sc);
@@ -387,8 +388,12 @@ sg_client_close(sg_client_t *sc)
     }
 
     if (sc->in_handler) {
-        /* after the handler returns (sg_client_report_handler) */
+        /*
+         * after the handler returns (sg_client_report_handler); the
+         * caller no longer has it, so it counts as closing from now on
+         */
         sc->closing = 1;
+        sg_client_count_closing(sc);
         return;
     }
 
@@ -2114,11 +2119,22 @@ sg_client_quit(sg_client_t *sc)
     sc->log.action = "closing";
 
     /* the connection stays open a little: the caller counts it */
-    sc->quitting = 1;
-    sc->conf->closing++;
+    sg_client_count_closing(sc);
 
     /* RFC 5321, 4.1.1.10: "QUIT" CRLF, then the server closes */
     (void) sg_client_command(sc, SG_CS_QUIT, "QUIT", NULL);
+}
+
+
+/* counted in conf->closing until sg_client_free(), once */
+
+static void
+sg_client_count_closing(sg_client_t *sc)
+{
+    if (!sc->quitting) {
+        sc->quitting = 1;
+        sc->conf->closing++;
+    }
 }
 
 
