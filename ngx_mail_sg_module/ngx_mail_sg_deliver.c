@@ -285,6 +285,7 @@ static void sg_dlv_dest_fail_all(sg_dlv_dest_t *dest, ngx_uint_t bounce,
 static void sg_dlv_dest_free(sg_dlv_dest_t *dest);
 static void sg_dlv_run_waiting(void);
 static void sg_dlv_sess_idle_close(sg_dlv_sess_t *sess);
+static void sg_dlv_sess_unidle(sg_dlv_sess_t *sess);
 static void sg_dlv_node_wait_handler(ngx_event_t *ev);
 static ngx_uint_t sg_dlv_connections(void);
 static void sg_dlv_client_closed(void);
@@ -1983,12 +1984,7 @@ sg_dlv_dest_step(sg_dlv_dest_t *dest)
     while (!ngx_queue_empty(&dest->jobs) && !ngx_queue_empty(&dest->idle)) {
         q = ngx_queue_head(&dest->idle);
         sess = ngx_queue_data(q, sg_dlv_sess_t, link);
-        ngx_queue_remove(q);
-        ngx_queue_remove(&sess->idle_all);
-
-        if (sess->idle.timer_set) {
-            ngx_del_timer(&sess->idle);
-        }
+        sg_dlv_sess_unidle(sess);
 
         q = ngx_queue_head(&dest->jobs);
         job = ngx_queue_data(q, sg_dlv_job_t, link);
@@ -3340,17 +3336,26 @@ sg_dlv_sess_idle_close(sg_dlv_sess_t *sess)
          q = ngx_queue_next(q))
     {
         if (q == &sess->link) {
-            ngx_queue_remove(q);
-            ngx_queue_remove(&sess->idle_all);
+            sg_dlv_sess_unidle(sess);
             break;
         }
     }
 
+    sg_dlv_sess_close(sess);
+}
+
+
+/* an idle session leaves its destination's and the worker's idle lists */
+
+static void
+sg_dlv_sess_unidle(sg_dlv_sess_t *sess)
+{
+    ngx_queue_remove(&sess->link);
+    ngx_queue_remove(&sess->idle_all);
+
     if (sess->idle.timer_set) {
         ngx_del_timer(&sess->idle);
     }
-
-    sg_dlv_sess_close(sess);
 }
 
 

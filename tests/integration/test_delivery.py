@@ -1385,6 +1385,11 @@ def test_workers_share_the_node_limit(W):
         sink.stop()
 
 
+# connections kept idle for an hour: only giving way closes them in a test
+IDLE_HOUR_CONF = DELIVERY_CONF.replace("sg_delivery_idle_timeout 1s;",
+                                       "sg_delivery_idle_timeout 1h;")
+
+
 def test_an_idle_connection_gives_way_to_another_workers_mail(W):
     """sg_delivery_destination_concurrency 1, two workers, connections
     kept idle for an hour: messages sent one at a time are claimed by
@@ -1393,8 +1398,7 @@ def test_an_idle_connection_gives_way_to_another_workers_mail(W):
     worker waiting for its room).  A connection that stayed idle would
     hold that message for the hour."""
     sink = SmtpSink()
-    conf = (DELIVERY_CONF.replace("sg_delivery_idle_timeout 1s;",
-                                  "sg_delivery_idle_timeout 1h;")
+    conf = (IDLE_HOUR_CONF
             + "sg_delivery_batch 1;\n"
               "sg_delivery_destination_concurrency 1;\n")
     with W.instance(workers=2, extra_main=conf) as inst:
@@ -1422,8 +1426,7 @@ def test_mail_for_another_destination_takes_an_idle_connections_room(W):
     the idle connection says QUIT and the message goes, rather than
     waiting for the hour."""
     sink_a, sink_b = SmtpSink(), SmtpSink()
-    conf = (DELIVERY_CONF.replace("sg_delivery_idle_timeout 1s;",
-                                  "sg_delivery_idle_timeout 1h;")
+    conf = (IDLE_HOUR_CONF
             + "sg_delivery_concurrency 1;\n")
     with W.instance(extra_main=conf):
         first = send(W, "ia@" + W.sink_mx(sink_a))
@@ -1448,8 +1451,7 @@ def test_a_session_does_not_idle_while_its_workers_mail_waits(W):
     # the second message must be claimed and waiting before the first's
     # final reply: 3 s for that on a loaded machine
     sink_a, sink_b = SmtpSink(delays={"dot": 3.0}), SmtpSink()
-    conf = (DELIVERY_CONF.replace("sg_delivery_idle_timeout 1s;",
-                                  "sg_delivery_idle_timeout 1h;")
+    conf = (IDLE_HOUR_CONF
             + "sg_delivery_concurrency 1;\n")
     with W.instance(extra_main=conf) as inst:
         first = send(W, "wa@" + W.sink_mx(sink_a))
