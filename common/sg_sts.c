@@ -1253,7 +1253,7 @@ sg_sts_redis_got(void *data, redisReply *reply, const char *err)
             if (err) {
                 /* Redis is down: every worker refreshes its memory */
                 ngx_free(rctx);
-                sg_sts_background(&domain);
+                sg_sts_background(&e->sn.str);
                 return;
             }
 
@@ -1289,7 +1289,7 @@ sg_sts_redis_got(void *data, redisReply *reply, const char *err)
                     != NGX_OK)
                 {
                     ngx_free(rctx);
-                    sg_sts_background(&domain);
+                    sg_sts_background(&e->sn.str);
                 }
             }
 
@@ -1301,8 +1301,20 @@ sg_sts_redis_got(void *data, redisReply *reply, const char *err)
         ngx_free(rctx);
 
         if (err || reply->type == REDIS_REPLY_STATUS) {
-            sg_sts_background(&domain);
+            sg_sts_background(&e->sn.str);
+            return;
         }
+
+        /*
+         * Another worker is fetching: look for its copy in Redis at the
+         * next tick, not after the failure backoff, by which time a
+         * short-lived policy may have expired here unrefreshed.
+         */
+        ngx_log_debug1(NGX_LOG_DEBUG_CORE, sg_sts.log, 0,
+                       "sg sts: %V: refresh lock held elsewhere",
+                       &e->sn.str);
+
+        e->refresh_next = 0;
 
         return;
     }

@@ -1284,6 +1284,40 @@ def test_proactive_refresh_once_per_cluster(env, pg, redis_srv):
         sgtest.finish_sg(other)
 
 
+def test_proactive_refresh_waits_for_the_lock_holder(env, pg, redis_srv):
+    """RFC 8461, 5.1 and DESIGN.md: a node whose proactive refresh finds
+    sg:mta-sts-lock:<domain> taken does not fetch; it looks in Redis again
+    at its next tick and takes the lock holder's copy before its own
+    (short-lived) copy expires."""
+    env.publish("lockheld.sts.test", policy(max_age=8), txt_id="lh1")
+    other = sgtest.start_sg(pg, redis_srv, resolver=env.dns.address,
+                            ca_file=env.ca.cert_file, extra_main=EXTRA_MAIN)
+    lock = "sg:mta-sts-lock:lockheld.sts.test"
+    rc = env.sg.redis.client()
+    try:
+        first = env.lookup("lockheld.sts.test")
+        assert first["source"] == "fetched"
+        # a third node has begun the refresh
+        assert rc.set(lock, "1", nx=True, ex=60)
+        wait_for(lambda: "lockheld.sts.test: refresh lock held elsewhere"
+                 in open(env.sg.error_log, errors="replace").read(),
+                 timeout=15, interval=0.1)
+        assert env.hosts.requests("lockheld.sts.test") == 1
+        # ... and completes it (a refresh on the other node stores its copy)
+        fresh = sgtest.api(other, "GET", POLICY_PATH + "lockheld.sts.test"
+                           "?refresh=1").json()
+        assert fresh["policy"]["fetched_at"] != first["policy"]["fetched_at"]
+        wait_for(lambda: "lockheld.sts.test: refreshed elsewhere" in
+                 open(env.sg.error_log, errors="replace").read(),
+                 timeout=10, interval=0.1)
+        assert env.get("lockheld.sts.test")["fetched_at"] == \
+            fresh["policy"]["fetched_at"]
+        assert env.hosts.requests("lockheld.sts.test") == 2
+    finally:
+        rc.delete(lock)
+        sgtest.finish_sg(other)
+
+
 def test_redis_hangs_mid_test(env):
     """DESIGN.md / RFC-NOTES decision: Redis stops answering (SIGSTOP)
     with a policy cached in memory and in Redis: its commands time out
