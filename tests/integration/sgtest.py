@@ -92,6 +92,10 @@ class SgInstance:
     def __init__(self, pg, redis, workers=1, hostname="sg.local",
                  key_type="rsa", delivery=False, wrap=(), **conf_kw):
         self.pg, self.redis = pg, redis
+        self.workers = workers
+        # "sg: lists loaded" is an info line
+        self.log_info = conf_kw.get("error_log_level", "info") in (
+            "info", "debug")
         self.dir = make_tmp("sgnginx-")
         self.allow_problems = []
         self.hostname = hostname
@@ -148,7 +152,21 @@ class SgInstance:
             raise InstanceError("SMTP port %d does not answer; error log:\n%s"
                                 % (self.smtp_port,
                                    sginstance.tail(self.error_log)))
+        if self.log_info and self.pg.is_running():
+            self.wait_lists_loaded(self.workers)
         return self
+
+    def wait_lists_loaded(self, count, timeout=15):
+        """Wait until count workers have logged "sg: lists loaded" (until
+        then a worker answers RCPT with 451 4.3.0). A bound, not an
+        assertion: a test may start sg with a PostgreSQL it cannot use."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.error_log, errors="replace") as f:
+                if f.read().count("sg: lists loaded") >= count:
+                    return True
+            time.sleep(0.05)
+        return False
 
     def stop(self):
         """Stop nginx; return the unexpected [alert]/[crit]/[emerg] lines."""
