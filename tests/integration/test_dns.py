@@ -316,24 +316,24 @@ def test_timeout_is_a_tempfail(sg_instance):
         def slow():
             t = time.monotonic()
             out["body"] = resolve(inst, "order.test", http_timeout=30,
-                                  timeout="3000")
+                                  timeout="6000")
             out["elapsed"] = time.monotonic() - t
 
         th = threading.Thread(target=slow)
         th.start()
         time.sleep(0.5)
-        # the worker is not blocked by the lookup
-        t = time.monotonic()
+        # the worker is not blocked by the lookup: it answers another
+        # request while the lookup is still waiting
         r = api(inst, "GET", "/api/v1/delivery/resolve/192.0.2.1")
         assert r.status_code == 200 and r.json()["status"] == "ok"
-        assert time.monotonic() - t < 2
+        assert th.is_alive() and "body" not in out
         th.join(30)
 
         b = out["body"]
         assert b["status"] == "tempfail", b
         assert b["reason"] == ("MX lookup for order.test: no answer within"
-                               " 3000 ms")
-        assert 2.5 < out["elapsed"] < 10
+                               " 6000 ms")
+        assert out["elapsed"] >= 5.9
         assert silent.received > 0
 
 

@@ -1223,6 +1223,24 @@ def test_no_250_without_queued_message_across_restart(sg_instance,
     assert {f["id"]: f["n"] for f in found} == {q: 2 for q in ok}
 
 
+def wait_lock_waiter(pg, timeout=15):
+    """Wait until a PostgreSQL backend (sg's commit) waits for a lock."""
+    deadline = time.monotonic() + timeout
+    conn = pg.connect()
+    conn.autocommit = True
+    try:
+        while time.monotonic() < deadline:
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_stat_activity"
+                            " WHERE wait_event_type = 'Lock'")
+                if cur.fetchone()[0] > 0:
+                    return
+            time.sleep(0.02)
+    finally:
+        conn.close()
+    raise AssertionError("no backend waits for a lock after %d s" % timeout)
+
+
 def test_group_commit_one_bad_message(sg_instance, local_domain, pg):
     """Messages ready while a commit runs are committed together; each is
     still answered 250 only once it is in the queue. One message the
@@ -1258,8 +1276,12 @@ def test_group_commit_one_bad_message(sg_instance, local_domain, pg):
             cur.execute("LOCK TABLE messages IN SHARE MODE")
         for i, s in enumerate(sessions):
             s.send(b"Subject: batch %d\r\n\r\nbody %d\r\n.\r\n" % (i, i))
-            time.sleep(0.3 if i == 0 else 0.02)
-        time.sleep(0.3)
+            if i == 0:
+                wait_lock_waiter(pg)
+        # the worker reads the other six while the first commit waits (no
+        # event to wait for: a second is plenty, and too short a wait
+        # would show as a batch of fewer than six, not as a pass)
+        time.sleep(1.0)
         lock.rollback()
         replies = [s.reply() for s in sessions]
     finally:
