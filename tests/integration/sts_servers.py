@@ -26,6 +26,7 @@ and Cache-Control when a site asks for it.  SlowServer accepts TCP on
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -219,19 +220,30 @@ http {
              self.error_log], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError("policy nginx config: %s" % check.stderr)
-        before = self._generation()
+        old = self._workers()
+        assert old, "no running worker in the log:\n" + self.log_tail()
         self.proc.send_signal(signal.SIGHUP)
-        # the new workers answer when the master has logged the reload
-        peers.wait_for(lambda: self._generation() > before, timeout=10)
-        time.sleep(0.2)
+        # The master starts the new workers, then tells the old ones to
+        # quit; until an old worker has closed its listening socket it
+        # still accepts, and answers with the old configuration (a new
+        # name gets the default certificate).  Done when every worker that
+        # ran before the reload has exited ("worker process N exited").
+        peers.wait_for(lambda: not (old & self._workers()), timeout=20,
+                       message=self.log_tail)
         return self
 
-    def _generation(self):
+    def _workers(self):
+        """The pids of the worker processes started and not yet exited,
+        from the error log (info level: "start worker process N",
+        "worker process N exited with code 0")."""
         try:
             with open(self.error_log, errors="replace") as f:
-                return f.read().count("reconfiguring")
+                text = f.read()
         except OSError:
-            return 0
+            return set()
+        started = set(re.findall(r"start worker process (\d+)", text))
+        gone = set(re.findall(r"worker process (\d+) exited", text))
+        return started - gone
 
     def stop(self):
         p, self.proc = self.proc, None
