@@ -13,6 +13,7 @@
     hosts.requests("a.test")                 # GETs served so far
     hosts.log("a.test")                      # those GETs: status, size and
                                              # the caching request headers
+    hosts.sync()                             # every answer so far logged
     hosts.stop()
 
 One nginx serves every domain on one address: SNI picks the server block
@@ -30,6 +31,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -266,6 +268,28 @@ http {
                 return "".join(f.readlines()[-n:])
         except OSError:
             return ""
+
+    def sync(self):
+        """Return once every request the policy host answered before the
+        call is in its access log.  nginx writes a request's line right
+        after sending the answer, in the same event handler, so a client
+        (sg, then the API) can have the answer first; the one worker
+        (worker_processes 1, not reloading: apply() waits until the old
+        worker is gone) handles events one at a time, so when it has
+        handled a TLS handshake and request of ours, the handler that
+        sent any earlier answer has returned.  (A request to the default
+        server, answered 444: in no site's count.)"""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection((self.ip, 443), timeout=10) as raw:
+            with ctx.wrap_socket(raw) as tls:
+                tls.sendall(b"GET /sync HTTP/1.0\r\n\r\n")
+                try:
+                    while tls.recv(4096):
+                        pass
+                except (ssl.SSLError, ConnectionError):
+                    pass    # 444: closed without close_notify
 
     def requests(self, domain):
         """How many GETs of the policy mta-sts.<domain> was served."""

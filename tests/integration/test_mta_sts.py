@@ -103,6 +103,20 @@ def steps(body):
     return {s["step"]: s for s in body["steps"]}
 
 
+def served(env, domain, n, timeout=10):
+    """The policy host has answered exactly n GETs of domain's policy.
+    It logs a request just after answering it, so sg (and the API) can
+    answer before the line is written: wait for n lines, then let the
+    host log whatever it answered before (hosts.sync()) and check that
+    there are no more."""
+    wait_for(lambda: env.hosts.requests(domain) >= n, timeout=timeout,
+             message=lambda: "%d GETs of %s" % (env.hosts.requests(domain),
+                                                 domain))
+    env.hosts.sync()
+    got = env.hosts.requests(domain)
+    assert got == n, "%d GETs of %s's policy, not %d" % (got, domain, n)
+
+
 @contextlib.contextmanager
 def env_up(pg, redis_srv, ca, **sg_kw):
     """An Env up for the duration: the policy hosts, a server that never
@@ -211,7 +225,7 @@ def test_lookup_fetches_once_then_uses_the_cache(env):
     second = env.lookup("once.sts.test")
     assert second["mode"] == "testing" and second["source"] == "memory"
     assert "id of the TXT record" in second["reason"]
-    assert env.hosts.requests("once.sts.test") == 1
+    served(env, "once.sts.test", 1)
 
 
 def test_plain_get_is_the_cache_only(env):
@@ -221,7 +235,7 @@ def test_plain_get_is_the_cache_only(env):
     r = sgtest.api(env.sg, "GET", POLICY_PATH + "plain.sts.test")
     assert r.status_code == 404
     assert r.headers["Content-Type"] == "application/problem+json"
-    assert env.hosts.requests("plain.sts.test") == 0
+    served(env, "plain.sts.test", 0)
     env.lookup("plain.sts.test")
     assert env.get("plain.sts.test")["policy_id"] == "p1"
 
@@ -235,12 +249,12 @@ def test_id_change_refetches(env):
     env.hosts.set_body("idchange.sts.test", policy(mode="enforce"))
     same = env.lookup("idchange.sts.test")
     assert same["mode"] == "testing" and same["source"] == "memory"
-    assert env.hosts.requests("idchange.sts.test") == 1
+    served(env, "idchange.sts.test", 1)
     env.set_txt("idchange.sts.test", ["v=STSv1; id=v2"])
     new = env.lookup("idchange.sts.test")
     assert new["mode"] == "enforce" and new["source"] == "fetched"
     assert new["policy"]["policy_id"] == "v2"
-    assert env.hosts.requests("idchange.sts.test") == 2
+    served(env, "idchange.sts.test", 2)
     assert env.get("idchange.sts.test")["policy_id"] == "v2"
 
 
@@ -416,7 +430,7 @@ def test_parent_domain_policy_not_used(env):
     body = env.lookup("child.parent.sts.test")
     assert body["mode"] == "none" and body["policy"] is None
     assert body["result_type"] is None
-    assert env.hosts.requests("child.parent.sts.test") == 0
+    served(env, "child.parent.sts.test", 0)
 
 
 def test_bad_txt_id(env):
@@ -459,7 +473,7 @@ def test_certificate_not_valid(env, cert, words):
     assert "parse" not in steps(body)
     assert body["result_type"] == "sts-webpki-invalid"
     assert body["policy"] is None
-    assert env.hosts.requests(domain) == 0
+    served(env, domain, 0)
     look = env.lookup(domain)
     assert look["mode"] == "none"
     assert look["result_type"] == "sts-webpki-invalid"
@@ -831,6 +845,8 @@ def test_policy_fetch_uses_no_http_cache(env):
     assert steps(again)["https"]["status"] == 200
     assert steps(again)["https"]["size"] == len(text)
 
+    # (each line is written just after its answer: wait for the three)
+    served(env, domain, len(ours) + 3)
     fetches = env.hosts.log(domain)[len(ours):]
     assert len(fetches) == 3, fetches
     for e in fetches:
@@ -852,7 +868,8 @@ def test_redirect_not_followed(env):
     assert h["status"] == 301 and h["error"] == "redirect"
     assert "not followed" in h["detail"]
     assert body["result_type"] == "sts-policy-fetch-error"
-    assert env.hosts.requests("target.redir.sts.test") == 0
+    served(env, "redir.sts.test", 1)
+    served(env, "target.redir.sts.test", 0)
 
 
 def test_body_larger_than_64k(env):
@@ -1011,12 +1028,12 @@ def test_refetch_failure_keeps_cached_policy_and_backs_off(env):
     assert body["policy"]["policy_id"] == "k1"
     assert "refetch failed" in body["reason"]
     assert "HTTP status 500" in body["reason"]
-    assert env.hosts.requests("keep.sts.test") == 2     # k1, then k2
+    served(env, "keep.sts.test", 2)                     # k1, then k2
 
     again = env.lookup("keep.sts.test")
     assert again["policy"]["policy_id"] == "k1"
     assert "failed recently" in again["reason"]
-    assert env.hosts.requests("keep.sts.test") == 2     # not refetched
+    served(env, "keep.sts.test", 2)                     # not refetched
 
     failure = env.get("keep.sts.test")["last_failure"]
     assert failure["policy_id"] == "k2"
@@ -1041,10 +1058,10 @@ def test_failure_without_cache_is_reported_and_not_repeated(env):
     second = env.lookup("failing.sts.test")
     assert second["result_type"] == "sts-policy-fetch-error"
     assert "no refetch of id f1" in second["reason"]
-    assert env.hosts.requests("failing.sts.test") == 1
+    served(env, "failing.sts.test", 1)
     # ?refresh=1 is a person asking: it fetches whatever the backoff says
     env.refresh("failing.sts.test")
-    assert env.hosts.requests("failing.sts.test") == 2
+    served(env, "failing.sts.test", 2)
 
 
 def test_concurrent_lookups_share_one_fetch(env):
@@ -1080,7 +1097,7 @@ def test_setting_off_ignores_policies(env):
         wait_for(lambda: "setting is off" in
                  env.lookup("off.sts.test")["reason"], timeout=15)
         assert env.lookup("off.sts.test")["policy"] is None
-        assert env.hosts.requests("off.sts.test") == 0
+        served(env, "off.sts.test", 0)
     finally:
         sgtest.api(env.sg, "PATCH", "/api/v1/settings",
                    json={"mta_sts_enabled": True})
@@ -1138,7 +1155,7 @@ def test_bench_counts_cached_decisions(env):
     body = env.get("benchapi.sts.test",
                    "?bench=5&from=redis&mx=other.example.test")
     assert body["sources"]["redis"] == 5 and body["mx_matched"] == 0
-    assert env.hosts.requests("benchapi.sts.test") == 1
+    served(env, "benchapi.sts.test", 1)
     for bad in ("?bench=0", "?bench=1000001", "?bench=x",
                 "?bench=1&from=disk"):
         r = sgtest.api(env.sg, "GET", POLICY_PATH + "benchapi.sts.test" + bad)
@@ -1230,7 +1247,7 @@ def test_redis_is_read_when_memory_misses(env):
                               exat=now + 86400)
     body = env.lookup("shared-redis.sts.test")
     assert body["mode"] == "testing" and body["source"] == "redis"
-    assert env.hosts.requests("shared-redis.sts.test") == 0
+    served(env, "shared-redis.sts.test", 0)
 
 
 def test_proactive_refresh_once(env):
@@ -1340,7 +1357,7 @@ def test_redis_hangs_mid_test(env):
         body = env.lookup("hang1.sts.test")
         assert body["mode"] == "testing" and body["source"] == "fetched"
         assert body["policy"]["policy_id"] == "h1b"
-        assert env.hosts.requests("hang2.sts.test") == 1
+        served(env, "hang2.sts.test", 1)
         again = env.lookup("hang2.sts.test")
         assert again["mode"] == "testing" and again["source"] == "memory"
     finally:
@@ -1363,7 +1380,7 @@ def test_redis_down_fetches_directly(env):
         assert body["mode"] == "enforce" and body["source"] == "fetched"
         again = env.lookup("noredis.sts.test")
         assert again["mode"] == "enforce" and again["source"] == "memory"
-        assert env.hosts.requests("noredis.sts.test") == 1
+        served(env, "noredis.sts.test", 1)
         cached = env.get("noredis.sts.test")
         assert cached["source"] == "memory"
         assert cached["policy_id"] == "nr1"
