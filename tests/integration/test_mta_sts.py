@@ -17,6 +17,7 @@ test_mta_sts_peer.py.
 """
 
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -1250,6 +1251,28 @@ def test_redis_is_read_when_memory_misses(env):
     served(env, "shared-redis.sts.test", 0)
 
 
+def refresh_due(fetched_at, max_age):
+    """When sg refreshes a policy fetched at fetched_at (the API's
+    "%Y-%m-%dT%H:%M:%SZ"), as a time.time(): a quarter of max_age before
+    expiry (sg_sts_refresh_due)."""
+    t = datetime.datetime.strptime(fetched_at, "%Y-%m-%dT%H:%M:%SZ")
+    t = t.replace(tzinfo=datetime.timezone.utc).timestamp()
+    return t + max_age - max_age // 4
+
+
+def sleep_past_refresh(fetched_at, max_age):
+    """Sleep until a refresh of that copy, if sg (wrongly) made one, would
+    have been served: its due time, the 1 s tick after it, 2 s more."""
+    time.sleep(max(0.0, refresh_due(fetched_at, max_age) + 3 - time.time()))
+
+
+def log_since(path, offset):
+    """The text of the log file path from byte offset on."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
 def test_proactive_refresh_once(env):
     """RFC 8461, 3.3 and 5.1: a policy in use is fetched again before it
     expires, in the background, by one worker of the cluster (the lock
@@ -1257,16 +1280,30 @@ def test_proactive_refresh_once(env):
     env.publish("proactive.sts.test", policy(max_age=8), txt_id="pr1")
     first = env.lookup("proactive.sts.test")
     fetched_at = first["policy"]["fetched_at"]
-    assert env.hosts.requests("proactive.sts.test") == 1
+    served(env, "proactive.sts.test", 1)
     # due a quarter of max_age before expiry: 6 s after the fetch
     wait_for(lambda: env.hosts.requests("proactive.sts.test") >= 2,
              timeout=15, interval=0.2)
-    assert env.sg.redis.client().exists("sg:mta-sts-lock:proactive.sts.test")
+    lock = "sg:mta-sts-lock:proactive.sts.test"
+    assert env.sg.redis.client().exists(lock)
     wait_for(lambda: env.get("proactive.sts.test")["fetched_at"]
              != fetched_at, timeout=5)
-    # not in use since: no further refresh
-    time.sleep(8)
-    assert env.hosts.requests("proactive.sts.test") == 2
+    # not in use since: no further refresh, past the new copy's due time
+    # (without the lock, which lasts longer than this policy: it would
+    # stop a second refresh whether the policy was in use or not)
+    env.sg.redis.client().delete(lock)
+    sleep_past_refresh(env.get("proactive.sts.test")["fetched_at"], 8)
+    served(env, "proactive.sts.test", 2)
+
+
+# max_age of the two-node refresh tests: refresh due at +12 s (a quarter
+# of max_age before expiry), expiry at +16 s.  A node that finds the lock
+# taken at its tick T (in [+12, +13)) looks in Redis again at T+1, T+2,
+# T+3, before expiry; were it to wait the failure backoff instead, it
+# would look again at T + BACKOFF_S >= +16: expired, too late (true while
+# that quarter of max_age is at most BACKOFF_S).
+CLUSTER_MAX_AGE = 16
+assert CLUSTER_MAX_AGE // 4 <= BACKOFF_S
 
 
 def test_proactive_refresh_once_per_cluster(env, pg, redis_srv):
@@ -1274,29 +1311,37 @@ def test_proactive_refresh_once_per_cluster(env, pg, redis_srv):
     policy close to expiry; it is fetched again once for the cluster (the
     lock sg:mta-sts-lock:<domain>), and the other node takes the refreshed
     copy from Redis instead of fetching."""
-    env.publish("cluster.sts.test", policy(max_age=8), txt_id="cl1")
+    env.publish("cluster.sts.test", policy(max_age=CLUSTER_MAX_AGE),
+                txt_id="cl1")
     other = sgtest.start_sg(pg, redis_srv, resolver=env.dns.address,
                             ca_file=env.ca.cert_file, extra_main=EXTRA_MAIN,
                             error_log_level="debug")
+    mark = os.path.getsize(env.sg.error_log)
     try:
         first = env.lookup("cluster.sts.test")
         assert first["source"] == "fetched"
+        served(env, "cluster.sts.test", 1)
         r = sgtest.api(other, "GET", POLICY_PATH + "cluster.sts.test"
                        "?lookup=1")
         assert r.status_code == 200 and r.json()["source"] == "redis"
-        assert env.hosts.requests("cluster.sts.test") == 1
+        served(env, "cluster.sts.test", 1)
         fetched_at = first["policy"]["fetched_at"]
         # due a quarter of max_age before expiry, on both nodes
         wait_for(lambda: env.get("cluster.sts.test")["fetched_at"]
-                 != fetched_at, timeout=15, interval=0.2)
+                 != fetched_at, timeout=30, interval=0.2)
         # the node that lost the lock takes the new copy from Redis
-        wait_for(lambda: "refreshed elsewhere" in
-                 open(env.sg.error_log, errors="replace").read() +
-                 open(other.error_log, errors="replace").read(),
+        wait_for(lambda: "cluster.sts.test: refreshed elsewhere" in
+                 log_since(env.sg.error_log, mark) +
+                 log_since(other.error_log, 0),
                  timeout=15, interval=0.2)
-        # not in use since: no further refresh, on either node
-        time.sleep(8)
-        assert env.hosts.requests("cluster.sts.test") == 2
+        # not in use since: no further refresh, on either node, past the
+        # new copy's due time (without the lock, which lasts longer than
+        # this policy: it would stop a second refresh whether the policy
+        # was in use or not)
+        env.sg.redis.client().delete("sg:mta-sts-lock:cluster.sts.test")
+        sleep_past_refresh(env.get("cluster.sts.test")["fetched_at"],
+                           CLUSTER_MAX_AGE)
+        served(env, "cluster.sts.test", 2)
     finally:
         sgtest.finish_sg(other)
 
@@ -1305,31 +1350,34 @@ def test_proactive_refresh_waits_for_the_lock_holder(env, pg, redis_srv):
     """RFC 8461, 5.1 and DESIGN.md: a node whose proactive refresh finds
     sg:mta-sts-lock:<domain> taken does not fetch; it looks in Redis again
     at its next tick and takes the lock holder's copy before its own
-    (short-lived) copy expires."""
-    env.publish("lockheld.sts.test", policy(max_age=8), txt_id="lh1")
+    (short-lived) copy expires (were it to wait the failure backoff, it
+    would be too late: CLUSTER_MAX_AGE)."""
+    env.publish("lockheld.sts.test", policy(max_age=CLUSTER_MAX_AGE),
+                txt_id="lh1")
     other = sgtest.start_sg(pg, redis_srv, resolver=env.dns.address,
                             ca_file=env.ca.cert_file, extra_main=EXTRA_MAIN)
     lock = "sg:mta-sts-lock:lockheld.sts.test"
     rc = env.sg.redis.client()
+    mark = os.path.getsize(env.sg.error_log)
     try:
         first = env.lookup("lockheld.sts.test")
         assert first["source"] == "fetched"
         # a third node has begun the refresh
         assert rc.set(lock, "1", nx=True, ex=60)
         wait_for(lambda: "lockheld.sts.test: refresh lock held elsewhere"
-                 in open(env.sg.error_log, errors="replace").read(),
-                 timeout=15, interval=0.1)
-        assert env.hosts.requests("lockheld.sts.test") == 1
+                 in log_since(env.sg.error_log, mark),
+                 timeout=30, interval=0.1)
+        served(env, "lockheld.sts.test", 1)
         # ... and completes it (a refresh on the other node stores its copy)
         fresh = sgtest.api(other, "GET", POLICY_PATH + "lockheld.sts.test"
                            "?refresh=1").json()
         assert fresh["policy"]["fetched_at"] != first["policy"]["fetched_at"]
         wait_for(lambda: "lockheld.sts.test: refreshed elsewhere" in
-                 open(env.sg.error_log, errors="replace").read(),
+                 log_since(env.sg.error_log, mark),
                  timeout=10, interval=0.1)
         assert env.get("lockheld.sts.test")["fetched_at"] == \
             fresh["policy"]["fetched_at"]
-        assert env.hosts.requests("lockheld.sts.test") == 2
+        served(env, "lockheld.sts.test", 2)
     finally:
         rc.delete(lock)
         sgtest.finish_sg(other)
