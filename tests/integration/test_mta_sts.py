@@ -37,7 +37,9 @@ from peers import (TestCA, peer_ca, wait_for,  # noqa: F401 (fixture)
 from sts_servers import WELL_KNOWN, PolicyHosts, SlowServer, policy
 
 # every test's domains are its own: no test sees another's cache
-FETCH_TIMEOUT_S = 2
+# (the fetch timeout: what a host that never answers costs a test, and
+# more than a good fetch takes on a loaded machine)
+FETCH_TIMEOUT_S = 5
 NEGATIVE_TTL_S = 3
 BACKOFF_S = 4
 
@@ -920,6 +922,7 @@ def test_slow_server_times_out(env):
     h = steps(body)["https"]
     assert h["error"] == "timeout"
     # the server accepted the connection: the timeout, not a refusal
+    wait_for(lambda: env.slow.accepted > before, timeout=5)
     assert env.slow.accepted - before == 1
     assert body["result_type"] == "sts-policy-fetch-error"
 
@@ -1087,6 +1090,7 @@ def test_concurrent_lookups_share_one_fetch(env):
         t.join(30)
     assert len(results) == 5
     assert all(r["result_type"] == "sts-policy-fetch-error" for r in results)
+    wait_for(lambda: env.slow.accepted > before, timeout=5)
     assert env.slow.accepted - before == 1
 
 
@@ -1459,11 +1463,15 @@ def test_two_workers_evict_and_stop_with_fetches_running(env, pg, redis_srv):
     env.publish("hang.sts.test", apply=False)
     env.records["hosts"]["mta-sts.hang.sts.test"] = [env.slow.ip]
     env.apply()
+    # the fetch still runs when the instance stops, a second later
+    slow_main = EXTRA_MAIN.replace(
+        "sg_mta_sts_fetch_timeout %ds;" % FETCH_TIMEOUT_S,
+        "sg_mta_sts_fetch_timeout 10s;")
+    assert slow_main != EXTRA_MAIN
     inst = sgtest.start_sg(pg, redis_srv, workers=2,
                            resolver=env.dns.address,
                            ca_file=env.ca.cert_file,
-                           extra_main=EXTRA_MAIN.replace(
-                               "fetch_timeout 2s", "fetch_timeout 5s"))
+                           extra_main=slow_main)
     try:
         for _ in range(4):
             r = sgtest.api(inst, "GET", POLICY_PATH +

@@ -208,7 +208,7 @@ def in_namespace(dns_ip, ca_file, argv, workdir):
     /etc/resolv.conf names dns_ip, trusting ca_file: (argv for Popen)."""
     conf = os.path.join(workdir, "resolv.conf")
     with open(conf, "w") as f:
-        f.write("nameserver %s\noptions timeout:2 attempts:1\n" % dns_ip)
+        f.write("nameserver %s\noptions timeout:5 attempts:2\n" % dns_ip)
     script = ('mount --bind "$1" /etc/resolv.conf && '
               'SSL_CERT_FILE="$2" && export SSL_CERT_FILE && shift 2 && '
               'exec "$@"')
