@@ -9,6 +9,7 @@ an sg instance that delivers (sg_delivery_port 25: MX hosts are sinks on
 Every test uses its own domains, so DNS answers cached by sg never mix.
 """
 
+import collections
 import contextlib
 import email
 import email.policy
@@ -199,6 +200,42 @@ def wait_final(w, qid, timeout=30):
 
 def states(e):
     return {r["address"]: r["state"] for r in e["recipients"]}
+
+
+# "<pid>#<tid>: sg: lists loaded" (info, a worker's first load) and
+# "... lists reloaded" (debug, each load after a NOTIFY sg_lists or the poll)
+_LISTS_LOAD = re.compile(r" (\d+)#\d+: (?:\*\d+ )?sg: lists (?:re)?loaded")
+
+
+def lists_loads(inst):
+    """Loads of the lists so far, by worker pid (reloads are debug lines:
+    the World's sg logs at debug level)."""
+    counts = collections.Counter()
+    with open(inst.error_log, errors="replace") as f:
+        for line in f:
+            m = _LISTS_LOAD.search(line)
+            if m:
+                counts[m.group(1)] += 1
+    return counts
+
+
+@contextlib.contextmanager
+def list_change(inst, timeout=10):
+    """Every worker of inst has loaded its lists again after the change made
+    in the block (the table's trigger NOTIFYs sg_lists; each worker logs
+    "sg: lists reloaded" once more). Until then a worker may route, or
+    decide TLS for, a message by the lists it had before."""
+    before = lists_loads(inst)
+    yield
+
+    def every_worker_reloaded():
+        now = lists_loads(inst)
+        return sum(1 for pid, n in now.items()
+                   if n > before[pid]) >= inst.workers
+    wait_for(every_worker_reloaded, timeout=timeout,
+             message=lambda: "every worker (%d) loads its lists: %r before,"
+             " %r now" % (inst.workers, dict(before),
+                          dict(lists_loads(inst))))
 
 
 def dsns_for(w, qid, n=1, timeout=30):
@@ -617,11 +654,11 @@ def test_local_domain_goes_to_its_internal_server(W):
     internal = SmtpSink(port=2527)
     try:
         dom = unique("local")
-        r = api(W.inst, "POST", "/api/v1/domains",
-                json={"name": dom, "internal_server": "%s:2527" % internal.host})
-        assert r.status_code == 201, r.text
-        wait_for(lambda: True, timeout=0.1)
-        time.sleep(0.5)                 # the lists reach the worker (NOTIFY)
+        with list_change(W.inst):
+            r = api(W.inst, "POST", "/api/v1/domains",
+                    json={"name": dom,
+                          "internal_server": "%s:2527" % internal.host})
+            assert r.status_code == 201, r.text
         qid = send(W, "ola@" + dom)
         e = wait_final(W, qid)
         assert states(e) == {"ola@" + dom: "delivered"}
@@ -768,10 +805,10 @@ def test_required_list_defers_without_starttls_and_sends_nothing_in_clear(W):
     sink = SmtpSink()
     try:
         dom = W.sink_mx(sink)
-        r = api(W.inst, "POST", "/api/v1/starttls/required",
-                json={"value": "mx." + dom})
-        assert r.status_code == 201, r.text
-        time.sleep(0.5)
+        with list_change(W.inst):
+            r = api(W.inst, "POST", "/api/v1/starttls/required",
+                    json={"value": "mx." + dom})
+            assert r.status_code == 201, r.text
         qid = send(W, "rex@" + dom)
         e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1)
         a = e["attempts"][0]
@@ -799,10 +836,10 @@ def test_required_list_by_ip_and_failed_handshake_defers(W):
     sink = SmtpSink(tls_fail=True)
     try:
         dom = W.sink_mx(sink)
-        r = api(W.inst, "POST", "/api/v1/starttls/required",
-                json={"value": sink.host})
-        assert r.status_code == 201, r.text
-        time.sleep(0.5)
+        with list_change(W.inst):
+            r = api(W.inst, "POST", "/api/v1/starttls/required",
+                    json={"value": sink.host})
+            assert r.status_code == 201, r.text
         qid = send(W, "sam@" + dom)
         e = wait_entry(W, qid, lambda e: len(e["attempts"]) >= 1
                        and e["recipients"][0]["state"] == "deferred")
@@ -830,10 +867,10 @@ def test_whitelisted_host_never_gets_starttls(W):
     sink = SmtpSink(tls=W.ca.issue(["mx.wl.test"]))
     try:
         dom = W.sink_mx(sink)
-        r = api(W.inst, "POST", "/api/v1/starttls/whitelist",
-                json={"value": dom})
-        assert r.status_code == 201, r.text
-        time.sleep(0.5)
+        with list_change(W.inst):
+            r = api(W.inst, "POST", "/api/v1/starttls/whitelist",
+                    json={"value": dom})
+            assert r.status_code == 201, r.text
         qid = send(W, "tia@" + dom)
         e = wait_final(W, qid)
         assert states(e) == {"tia@" + dom: "delivered"}

@@ -35,8 +35,8 @@ from peers import (PostfixMX, SmtpSink, _Drop, mail_text,  # noqa: E402,F401
 import sgtest  # noqa: E402
 from sgtest import api, finish_sg  # noqa: E402
 from test_delivery import (dsn_parts, dsns_for, entry,  # noqa: E402
-                           send, settings, states, unique, wait_entry,
-                           wait_final, world_up)
+                           list_change, send, settings, states, unique,
+                           wait_entry, wait_final, world_up)
 
 EDGE_CONF = """
 sg_delivery_hostname sg-out.test;
@@ -89,23 +89,6 @@ class Gate:
 
     def open(self):
         self.opened.set()
-
-
-def lists_loaded(inst):
-    """Loads of the lists so far (debug level)."""
-    with open(inst.error_log, errors="replace") as f:
-        text = f.read()
-    return text.count("sg: lists loaded") + text.count("sg: lists reloaded")
-
-
-@contextlib.contextmanager
-def list_change(inst):
-    """The worker has loaded its lists again after the change made in the
-    block (the log says "sg: lists reloaded" once more)."""
-    before = lists_loaded(inst)
-    yield
-    wait_for(lambda: lists_loaded(inst) > before, timeout=10,
-             message="the worker loads its lists")
 
 
 def worker_talking_to(host, port=25):

@@ -23,8 +23,8 @@ from peers import (DEFAULT_EHLO, PostfixMX, SmtpSink, peer_ca,  # noqa: E402,F40
 from sgtest import api  # noqa: E402
 from sts_servers import PolicyHosts, policy  # noqa: E402
 from test_delivery import (DELIVERY_CONF, W, dsn_parts, dsns_for, entry,  # noqa: E402,F401
-                           send, settings, states, unique, wait_entry,
-                           wait_final, world)
+                           list_change, send, settings, states, unique,
+                           wait_entry, wait_final, world)
 
 _ids = itertools.count(1)
 
@@ -331,10 +331,10 @@ def test_sts_policy_domain_of_a_route_is_the_relay_host(W, hosts):
     try:
         W.host(relay, sink.host)
         publish(W, hosts, relay, mx=(relay,))
-        r = api(W.inst, "POST", "/api/v1/routes",
-                json={"domain": dom, "relay": "%s:25" % relay})
-        assert r.status_code == 201, r.text
-        time.sleep(0.5)                 # the lists reach the worker
+        with list_change(W.inst):
+            r = api(W.inst, "POST", "/api/v1/routes",
+                    json={"domain": dom, "relay": "%s:25" % relay})
+            assert r.status_code == 201, r.text
         qid = send(W, "hal@" + dom)
         e = wait_final(W, qid)
         assert states(e) == {"hal@" + dom: "delivered"}
@@ -546,11 +546,11 @@ def test_requiretls_each_requirement_failing(W, hosts, case):
         if case == "whitelist":
             # whitelisted, and offering no STARTTLS: never sent in clear
             sink.ehlo = list(DEFAULT_EHLO)
-            r = api(W.inst, "POST", "/api/v1/starttls/whitelist",
-                    json={"value": name})
-            assert r.status_code == 201, r.text
-            wl = r.json()["id"]
-            time.sleep(0.5)
+            with list_change(W.inst):
+                r = api(W.inst, "POST", "/api/v1/starttls/whitelist",
+                        json={"value": name})
+                assert r.status_code == 201, r.text
+                wl = r.json()["id"]
         if case == "failure-list":
             # on the hourly list, as a failed handshake puts it there
             exp = int(time.time()) + 3600
@@ -613,10 +613,10 @@ def test_requiretls_whitelisted_mx_still_gets_verified_tls(W, hosts):
     try:
         W.sink_mx(sink, dom)
         publish(W, hosts, dom)
-        r = api(W.inst, "POST", "/api/v1/starttls/whitelist",
-                json={"value": dom})
-        assert r.status_code == 201, r.text
-        time.sleep(0.5)
+        with list_change(W.inst):
+            r = api(W.inst, "POST", "/api/v1/starttls/whitelist",
+                    json={"value": dom})
+            assert r.status_code == 201, r.text
         qid = flagged_send(W, "lee@" + dom)
         e = wait_final(W, qid)
         assert states(e) == {"lee@" + dom: "delivered"}
@@ -834,14 +834,14 @@ def test_requiretls_each_flag_source(W, hosts, source):
             qid = flagged_send(W, "ned@" + dom)
             want = ["parameter"]
         elif source == "rule":
-            r = api(W.inst, "POST", "/api/v1/content-filter/rules",
-                    json={"conditions": [{"field": "recipient",
-                                          "match": "contains",
-                                          "value": "@" + dom}],
-                          "action": "flag_requiretls"})
-            assert r.status_code == 201, r.text
-            rule = r.json()["id"]
-            time.sleep(0.5)
+            with list_change(W.inst):
+                r = api(W.inst, "POST", "/api/v1/content-filter/rules",
+                        json={"conditions": [{"field": "recipient",
+                                              "match": "contains",
+                                              "value": "@" + dom}],
+                              "action": "flag_requiretls"})
+                assert r.status_code == 201, r.text
+                rule = r.json()["id"]
             qid = send(W, "ned@" + dom)
             want = ["rule:%d" % rule]
         else:
@@ -973,10 +973,10 @@ def test_requiretls_through_a_route_relay_host(W, hosts, cert):
     r = None
     try:
         W.host(relay, sink.host)
-        r = api(W.inst, "POST", "/api/v1/routes",
-                json={"domain": dom, "relay": "%s:25" % relay})
-        assert r.status_code == 201, r.text
-        time.sleep(0.5)                 # the lists reach the worker
+        with list_change(W.inst):
+            r = api(W.inst, "POST", "/api/v1/routes",
+                    json={"domain": dom, "relay": "%s:25" % relay})
+            assert r.status_code == 201, r.text
         qid = flagged_send(W, "yan@" + dom)
         e = wait_final(W, qid)
         a = e["attempts"][-1]
@@ -1023,11 +1023,11 @@ def test_requiretls_to_a_local_domains_internal_server(W, hosts, trusted,
     r = None
     try:
         W.host(name, sink.host)
-        r = api(W.inst, "POST", "/api/v1/domains",
-                json={"name": dom, "internal_server": "%s:2529" % name,
-                      "requiretls_trusted": trusted})
-        assert r.status_code == 201, r.text
-        time.sleep(0.5)
+        with list_change(W.inst):
+            r = api(W.inst, "POST", "/api/v1/domains",
+                    json={"name": dom, "internal_server": "%s:2529" % name,
+                          "requiretls_trusted": trusted})
+            assert r.status_code == 201, r.text
         qid = send(W, "quin+requiretls@" + dom)
         e = wait_final(W, qid)
         req = e["attempts"][-1]["requirements"]
@@ -1067,13 +1067,16 @@ def test_local_domains_sharing_a_server_keep_their_own_trust(W, hosts):
     ids = []
     try:
         W.host(name, sink.host)
+        # one change at a time: a reload under way when the second
+        # commits may not see it (the NOTIFY brings another)
         for dom, trusted in ((a, False), (b, True)):
-            r = api(W.inst, "POST", "/api/v1/domains",
-                    json={"name": dom, "internal_server": "%s:2529" % name,
-                          "requiretls_trusted": trusted})
-            assert r.status_code == 201, r.text
-            ids.append(r.json()["id"])
-        time.sleep(0.5)
+            with list_change(W.inst):
+                r = api(W.inst, "POST", "/api/v1/domains",
+                        json={"name": dom,
+                              "internal_server": "%s:2529" % name,
+                              "requiretls_trusted": trusted})
+                assert r.status_code == 201, r.text
+                ids.append(r.json()["id"])
         qa = send(W, "una+requiretls@" + a)
         qb = send(W, "ben+requiretls@" + b)
         ea, eb = wait_final(W, qa), wait_final(W, qb)
@@ -1164,12 +1167,14 @@ def test_domains_sharing_a_route_go_in_one_transaction(W):
     ids = []
     try:
         d1, d2 = unique("shr"), unique("shr")
+        # one change at a time: a reload under way when the second
+        # commits may not see it (the NOTIFY brings another)
         for d in (d1, d2):
-            r = api(W.inst, "POST", "/api/v1/routes",
-                    json={"domain": d, "relay": "%s:2530" % relay.host})
-            assert r.status_code == 201, r.text
-            ids.append(r.json()["id"])
-        time.sleep(0.5)                 # the lists reach the worker
+            with list_change(W.inst):
+                r = api(W.inst, "POST", "/api/v1/routes",
+                        json={"domain": d, "relay": "%s:2530" % relay.host})
+                assert r.status_code == 201, r.text
+                ids.append(r.json()["id"])
         qid = send(W, ["ann@" + d1, "bob@" + d2])
         e = wait_final(W, qid)
         assert states(e) == {"ann@" + d1: "delivered",
