@@ -752,21 +752,31 @@ def test_a_claim_that_lapsed_in_an_outage_is_not_sent_by_its_worker(W):
         def get(self, key, default=None):
             return self.pop(key, default)
 
-    sink = SmtpSink(delays=FirstOnly(banner=12))
+    # The greeting comes after 30 s: after the worker is back on
+    # PostgreSQL (the outage, PostgreSQL's stop and start, and a reconnect
+    # backoff of up to 5 s) and has found its claim lapsed.  The greeting
+    # timeout (sg_delivery_command_timeout) outlasts the delay.
+    sink = SmtpSink(delays=FirstOnly(banner=30))
+    conf = EDGE_CONF.replace("sg_delivery_command_timeout 30s;",
+                             "sg_delivery_command_timeout 90s;")
+    assert conf != EDGE_CONF
     try:
-        with W.instance(workers=2) as inst:
+        with W.instance(workers=2, extra_main=conf) as inst:
             dom = W.sink_mx(sink)
             qid = send(W, "ria@" + dom)
             sink.wait_sessions(1, timeout=20)
             W.pg.stop()
             time.sleep(4)               # longer than the lease
             W.pg.start()
-            e = wait_final(W, qid, timeout=60)
+            e = wait_final(W, qid, timeout=90)  # the greeting: 30 s
             assert states(e) == {"ria@" + dom: "delivered"}
+            # the first session got its greeting, and the lapsed job's
+            # worker has done what it does with it
+            first = sink.sessions[0]
+            sink.wait_for(lambda: first.closed, timeout=60)
             with open(inst.error_log, errors="replace") as f:
                 log = f.read()
             assert "%s: its claim was not renewed" % qid in log
-            time.sleep(3)               # a second copy would come by now
             # one transaction in all: the lapsed job sent no MAIL (the
             # job that delivered may have used the same connection)
             assert [t.rcpts[0].address for t in sink.transactions] == \
