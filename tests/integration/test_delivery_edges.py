@@ -1088,44 +1088,50 @@ def test_route_of_a_busy_destination_is_resolved_again(W):
     lookup) is reused for SG_DLV_ROUTE_TTL, 60 s, and then resolved again
     even while the destination stays busy. A trickle of messages keeps
     the connection to the old MX in use (one kept session, reused,
-    sg_delivery_idle_timeout 3s) when the MX record changes; after the
+    sg_delivery_idle_timeout 15s: a gap of the trickle on a loaded
+    machine must not close it) when the MX record changes; after the
     route's lifetime the next messages go to the new MX, and every
     message arrives once, at one of them."""
     old, new = SmtpSink(), SmtpSink()
+    conf = EDGE_CONF.replace("sg_delivery_idle_timeout 3s;",
+                             "sg_delivery_idle_timeout 15s;")
+    assert conf != EDGE_CONF
     try:
-        dom = unique("moving")
-        W.mx(dom, ("mx1." + dom, old.host, 10))
-        sent = []                       # (qid, rcpt, sent after the change)
+        with W.instance(extra_main=conf):
+            dom = unique("moving")
+            W.mx(dom, ("mx1." + dom, old.host, 10))
+            sent = []                   # (qid, rcpt, sent after the change)
 
-        def one(after):
-            rcpt = "t%d@%s" % (len(sent), dom)
-            qid = send(W, rcpt)
-            sent.append((qid, rcpt, after))
-            e = wait_final(W, qid)
-            assert states(e) == {rcpt: "delivered"}, e
-            time.sleep(0.5)             # a trickle (a pause, not a check)
-            return e["attempts"][-1]["mx_host"]
+            def one(after):
+                rcpt = "t%d@%s" % (len(sent), dom)
+                qid = send(W, rcpt)
+                sent.append((qid, rcpt, after))
+                e = wait_final(W, qid)
+                assert states(e) == {rcpt: "delivered"}, e
+                time.sleep(0.5)         # a trickle (a pause, not a check)
+                return e["attempts"][-1]["mx_host"]
 
-        for _ in range(3):
-            assert one(False) == "mx1." + dom
-        move_mx(W, dom, ("mx2." + dom, new.host, 10))
-        hosts = []
-        wait_for(lambda: hosts.append(one(True)) or hosts[-1] == "mx2." + dom,
-                 timeout=150, interval=0,
-                 message="a message to the new MX")
-        # the old connection was busy across the change: the same session
-        # carried messages sent before and after it (else this test did
-        # not test what it says)
-        first = old.messages[0].session
-        carried = {t.rcpts[0].address for t in first.transactions}
-        assert {r for _, r, after in sent if after} & carried, hosts
-        # from now on the new MX only
-        for _ in range(3):
-            assert one(True) == "mx2." + dom
-        got = [t.rcpts[0].address for t in old.messages + new.messages]
-        assert sorted(got) == sorted(r for _, r, _ in sent)
-        assert [t.rcpts[0].address for t in new.messages] == \
-            [r for _, r, _ in sent[-len(new.messages):]]
+            for _ in range(3):
+                assert one(False) == "mx1." + dom
+            move_mx(W, dom, ("mx2." + dom, new.host, 10))
+            hosts = []
+            wait_for(lambda: hosts.append(one(True))
+                     or hosts[-1] == "mx2." + dom,
+                     timeout=150, interval=0,
+                     message="a message to the new MX")
+            # the old connection was busy across the change: the same
+            # session carried messages sent before and after it (else this
+            # test did not test what it says)
+            first = old.messages[0].session
+            carried = {t.rcpts[0].address for t in first.transactions}
+            assert {r for _, r, after in sent if after} & carried, hosts
+            # from now on the new MX only
+            for _ in range(3):
+                assert one(True) == "mx2." + dom
+            got = [t.rcpts[0].address for t in old.messages + new.messages]
+            assert sorted(got) == sorted(r for _, r, _ in sent)
+            assert [t.rcpts[0].address for t in new.messages] == \
+                [r for _, r, _ in sent[-len(new.messages):]]
     finally:
         old.stop()
         new.stop()
