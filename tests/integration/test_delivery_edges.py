@@ -787,6 +787,30 @@ def test_a_claim_that_lapsed_in_an_outage_is_not_sent_by_its_worker(W):
         sink.stop()
 
 
+def results_statements_waiting_on_a_lock(pg):
+    """sg's results statements (they insert the attempt rows) that wait
+    for a lock now."""
+    conn = pg.connect()             # autocommit: a fresh view each time
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE '%INSERT INTO delivery_attempts%'"
+                        " AND pid <> pg_backend_pid()")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def attempt_logged(inst, qid, result):
+    """The info line of an attempt of message qid with that result ("sg
+    delivery: <id> to <rcpt> via ... <result>: <reply>"): sg writes it when
+    the transaction ends, before the job's results go to PostgreSQL."""
+    pattern = re.compile(r"sg delivery: %s to .* %s: " % (qid, result))
+    with open(inst.error_log, errors="replace") as f:
+        return any(pattern.search(line) for line in f)
+
+
 def test_results_batch_refused_is_recorded_job_by_job(W):
     """Group commit of results (docs/design.md): jobs that finish while a
     results statement runs are recorded together. Here the first
@@ -795,8 +819,13 @@ def test_results_batch_refused_is_recorded_job_by_job(W):
     refuses the attempt rows of two of them with a check violation).
     Each job is then recorded alone: the three good ones with their
     attempt rows, the two refused ones without them; every recipient ends
-    delivered, once."""
-    first_sink, sink = SmtpSink(), SmtpSink()
+    delivered, once.
+
+    The trigger exists before the lock is taken: created while sg's
+    statement waits (holding its lock on delivery_attempts) it would
+    deadlock with it, and PostgreSQL would abort one of the two."""
+    gate = Gate()                       # the first 250 waits for the lock
+    first_sink, sink = SmtpSink(final_reply=gate), SmtpSink()
     conn = W.pg.connect()
     conn.autocommit = True
     # the waiting statement holds its recipients' rows, and the lease
@@ -809,30 +838,39 @@ def test_results_batch_refused_is_recorded_job_by_job(W):
         stack = contextlib.ExitStack()
         stack.enter_context(W.instance(extra_main=conf))
         d1, d2 = W.sink_mx(first_sink), W.sink_mx(sink)
+        rcpts = ["b%d@%s" % (i, d2) for i in range(5)]
+        bad = rcpts[1:3]
+        with conn.cursor() as cur:
+            cur.execute(
+                "CREATE FUNCTION sg_test_refuse_attempt() RETURNS trigger"
+                " LANGUAGE plpgsql AS $$BEGIN"
+                " IF NEW.recipients && %s::text[] THEN RAISE EXCEPTION"
+                " 'attempt refused by the test' USING ERRCODE = '23514';"
+                " END IF; RETURN NEW; END$$", (bad,))
+            cur.execute("CREATE TRIGGER sg_test_refuse_attempt BEFORE INSERT"
+                        " ON delivery_attempts FOR EACH ROW EXECUTE FUNCTION"
+                        " sg_test_refuse_attempt()")
         q1 = send(W, "first@" + d1)
         # the first job's results statement waits for this lock
         conn.autocommit = False
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM messages WHERE id = %s FOR UPDATE",
                         (q1,))
+        assert gate.reached.wait(20)
+        gate.open()
         first_sink.wait_messages(1, timeout=20)
-        time.sleep(0.5)                 # its statement is waiting now
-        rcpts = ["b%d@%s" % (i, d2) for i in range(5)]
+        wait_for(lambda: results_statements_waiting_on_a_lock(W.pg) >= 1,
+                 timeout=20, message="the first results statement waits")
         qids = [send(W, r) for r in rcpts]
-        bad = qids[1:3]
-        with conn.cursor() as cur:
-            cur.execute(
-                "CREATE FUNCTION sg_test_refuse_attempt() RETURNS trigger"
-                " LANGUAGE plpgsql AS $$BEGIN"
-                " IF NEW.message_id = ANY(%s) THEN RAISE EXCEPTION"
-                " 'attempt refused by the test' USING ERRCODE = '23514';"
-                " END IF; RETURN NEW; END$$", (bad,))
-            cur.execute("CREATE TRIGGER sg_test_refuse_attempt BEFORE INSERT"
-                        " ON delivery_attempts FOR EACH ROW EXECUTE FUNCTION"
-                        " sg_test_refuse_attempt()")
-        # the trigger's commit ends the lock: not before the five are done
+        bad_ids = qids[1:3]
+        # the commit ends the lock: not before the five are done and wait
+        # for the running statement (sg logs each attempt, then queues its
+        # results at once)
         sink.wait_messages(5, timeout=30)
-        time.sleep(0.5)
+        wait_for(lambda: all(attempt_logged(W.inst, qid, "delivered")
+                             for qid in qids),
+                 timeout=20, message="the five attempts logged")
+        assert results_statements_waiting_on_a_lock(W.pg) >= 1
         conn.commit()
         e1 = wait_final(W, q1)
         assert states(e1) == {"first@" + d1: "delivered"}
@@ -840,15 +878,16 @@ def test_results_batch_refused_is_recorded_job_by_job(W):
             e = wait_final(W, qid)
             assert states(e) == {rcpt: "delivered"}, e
             assert e["recipients"][0]["attempts"] == 1, e
-            assert len(e["attempts"]) == (0 if qid in bad else 1), e
+            assert len(e["attempts"]) == (0 if qid in bad_ids else 1), e
         assert sorted(t.rcpts[0].address for t in sink.messages) == rcpts
         with open(W.inst.error_log, errors="replace") as f:
             log = f.read()
         assert "cannot record the results of 5 jobs together" in log, \
             "\n".join(l for l in log.splitlines() if "sg delivery" in l and "debug" not in l)
-        for qid in bad:
+        for qid in bad_ids:
             assert "%s: the attempt rows are refused" % qid in log
     finally:
+        gate.open()
         conn.rollback()
         conn.autocommit = True
         with conn.cursor() as cur:
