@@ -146,6 +146,7 @@ class SgInstance:
         self.error_log = self.nginx.error_log
 
     def start(self, timeout=30):
+        mark = self._log_size()
         self.nginx.start(timeout)
         if not wait_tcp("127.0.0.1", self.smtp_port, timeout,
                         self.nginx.is_running):
@@ -153,17 +154,33 @@ class SgInstance:
                                 % (self.smtp_port,
                                    sginstance.tail(self.error_log)))
         if self.log_info and self.pg.is_running():
-            self.wait_lists_loaded(self.workers)
+            self.wait_lists_loaded(mark)
         return self
 
-    def wait_lists_loaded(self, count, timeout=15):
-        """Wait until count workers have logged "sg: lists loaded" (until
-        then a worker answers RCPT with 451 4.3.0). A bound, not an
-        assertion: a test may start sg with a PostgreSQL it cannot use."""
+    def reload(self):
+        """SIGHUP; returns once the new workers have loaded their lists
+        (nginx starts them, then tells the old ones to stop accepting)."""
+        mark = self._log_size()
+        self.nginx.reload()
+        if self.log_info and self.pg.is_running():
+            self.wait_lists_loaded(mark)
+
+    def _log_size(self):
+        try:
+            return os.path.getsize(self.error_log)
+        except OSError:
+            return 0
+
+    def wait_lists_loaded(self, mark, timeout=15):
+        """Wait until every worker has logged "sg: lists loaded" after
+        byte mark of the error log (until then a worker answers RCPT with
+        451 4.3.0). A bound, not an assertion: a test may start sg with a
+        PostgreSQL it cannot use."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with open(self.error_log, errors="replace") as f:
-                if f.read().count("sg: lists loaded") >= count:
+            with open(self.error_log, "rb") as f:
+                f.seek(mark)
+                if f.read().count(b"sg: lists loaded") >= self.workers:
                     return True
             time.sleep(0.05)
         return False

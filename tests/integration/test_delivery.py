@@ -1213,7 +1213,7 @@ def test_reload_lets_a_transaction_in_flight_finish(W):
         qid = send(W, "olga@" + dom)
         sink.wait_for(lambda: any(c.verb == "DATA" for s in sink.sessions
                                   for c in s.commands), timeout=20)
-        W.inst.nginx.reload()
+        W.inst.reload()
         e = wait_final(W, qid, timeout=30)
         assert states(e) == {"olga@" + dom: "delivered"}
         assert len(e["attempts"]) == 1
@@ -1547,7 +1547,7 @@ def test_a_reload_keeps_the_node_counts(W):
         first = send(W, "rl1@" + dom)
         sink.wait_for(lambda: any(c.verb == "RCPT" for s in sink.sessions
                                   for c in s.commands), timeout=20)
-        inst.nginx.reload()
+        inst.reload()
         second = send(W, "rl2@" + dom)
         for qid in (first, second):
             e = wait_final(W, qid, timeout=30)

@@ -99,7 +99,10 @@ def assert_patch_reaches_worker(inst, pid, window=10.0):
                 "the PATCH" % (pid, seen, version, window))
 
 
-def test_postgres_down_and_back(sg, pg):
+def test_postgres_down_and_back(sg_instance, pg):
+    # the poll would bring the settings too: an hour, so that only the
+    # LISTEN connection re-established can bring them within the window
+    sg = sg_instance(extra_main="sg_settings_poll 1h;\n")
     # the adapter's own [alert] lines on PostgreSQL loss are covered by
     # test_postgres_down_no_alert_lines below
     assert health(sg).status_code == 200
