@@ -146,7 +146,7 @@ class SgInstance:
         self.error_log = self.nginx.error_log
 
     def start(self, timeout=30):
-        mark = self._log_size()
+        mark = self.log_mark()
         self.nginx.start(timeout)
         if not wait_tcp("127.0.0.1", self.smtp_port, timeout,
                         self.nginx.is_running):
@@ -160,16 +160,23 @@ class SgInstance:
     def reload(self):
         """SIGHUP; returns once the new workers have loaded their lists
         (nginx starts them, then tells the old ones to stop accepting)."""
-        mark = self._log_size()
+        mark = self.log_mark()
         self.nginx.reload()
         if self.log_info and self.pg.is_running():
             self.wait_lists_loaded(mark)
 
-    def _log_size(self):
+    def log_mark(self):
+        """Where the error log ends now, for log_since()."""
         try:
             return os.path.getsize(self.error_log)
         except OSError:
             return 0
+
+    def log_since(self, mark):
+        """The error log's text from log_mark()'s mark on."""
+        with open(self.error_log, "rb") as f:
+            f.seek(mark)
+            return f.read().decode(errors="replace")
 
     def wait_lists_loaded(self, mark, timeout=15):
         """Wait until every worker has logged "sg: lists loaded" after
@@ -178,10 +185,8 @@ class SgInstance:
         PostgreSQL it cannot use."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with open(self.error_log, "rb") as f:
-                f.seek(mark)
-                if f.read().count(b"sg: lists loaded") >= self.workers:
-                    return True
+            if self.log_since(mark).count("sg: lists loaded") >= self.workers:
+                return True
             time.sleep(0.05)
         return False
 

@@ -1,7 +1,6 @@
 """Health endpoint, and PostgreSQL / Redis stopped and restarted under a
 running nginx (issue 2, items 3, 5 and 8)."""
 
-import os
 import re
 import socket
 import time
@@ -286,17 +285,15 @@ def test_postgres_pool_size(sg_instance, pg):
 def test_postgres_reconnect_backs_off(sg, pg):
     """Issue 2, item 3: reconnects back off (100 ms, doubling, at most
     5 s) instead of hammering a PostgreSQL that is down."""
-    mark = os.path.getsize(sg.error_log)
+    mark = sg.log_mark()
     pg.stop()
     try:
         deadline = time.monotonic() + WAIT
         delays = []
         while time.monotonic() < deadline:
-            with open(sg.error_log, errors="replace") as f:
-                f.seek(mark)
-                delays = [int(d) for d in re.findall(
-                    r"postgresql connection 0 \w+: .*?, retrying in (\d+)ms",
-                    f.read())]
+            delays = [int(d) for d in re.findall(
+                r"postgresql connection 0 \w+: .*?, retrying in (\d+)ms",
+                sg.log_since(mark))]
             if len(delays) >= 4:
                 break
             time.sleep(0.2)

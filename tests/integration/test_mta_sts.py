@@ -1274,13 +1274,6 @@ def sleep_past_refresh(fetched_at, max_age):
     time.sleep(max(0.0, refresh_due(fetched_at, max_age) + 3 - time.time()))
 
 
-def log_since(path, offset):
-    """The text of the log file path from byte offset on."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace")
-
-
 def test_proactive_refresh_once(env):
     """RFC 8461, 3.3 and 5.1: a policy in use is fetched again before it
     expires, in the background, by one worker of the cluster (the lock
@@ -1324,7 +1317,7 @@ def test_proactive_refresh_once_per_cluster(env, pg, redis_srv):
     other = sgtest.start_sg(pg, redis_srv, resolver=env.dns.address,
                             ca_file=env.ca.cert_file, extra_main=EXTRA_MAIN,
                             error_log_level="debug")
-    mark = os.path.getsize(env.sg.error_log)
+    mark = env.sg.log_mark()
     try:
         first = env.lookup("cluster.sts.test")
         assert first["source"] == "fetched"
@@ -1339,8 +1332,8 @@ def test_proactive_refresh_once_per_cluster(env, pg, redis_srv):
                  != fetched_at, timeout=30, interval=0.2)
         # the node that lost the lock takes the new copy from Redis
         wait_for(lambda: "cluster.sts.test: refreshed elsewhere" in
-                 log_since(env.sg.error_log, mark) +
-                 log_since(other.error_log, 0),
+                 env.sg.log_since(mark) +
+                 other.log_since(0),
                  timeout=15, interval=0.2)
         # not in use since: no further refresh, on either node, past the
         # new copy's due time (without the lock, which lasts longer than
@@ -1366,14 +1359,14 @@ def test_proactive_refresh_waits_for_the_lock_holder(env):
     env.publish(domain, policy(max_age=CLUSTER_MAX_AGE), txt_id="lh1")
     lock = "sg:mta-sts-lock:" + domain
     rc = env.sg.redis.client()
-    mark = os.path.getsize(env.sg.error_log)
+    mark = env.sg.log_mark()
     try:
         first = env.lookup(domain)
         assert first["source"] == "fetched"
         # the other node has begun the refresh
         assert rc.set(lock, "1", nx=True, ex=60)
         wait_for(lambda: domain + ": refresh lock held elsewhere"
-                 in log_since(env.sg.error_log, mark),
+                 in env.sg.log_since(mark),
                  timeout=30, interval=0.05)
         # ... and completes it
         now = int(time.time())
@@ -1384,7 +1377,7 @@ def test_proactive_refresh_waits_for_the_lock_holder(env):
                             "text": policy(max_age=CLUSTER_MAX_AGE)})
         rc.set("sg:mta-sts:" + domain, value, exat=now + CLUSTER_MAX_AGE)
         wait_for(lambda: domain + ": refreshed elsewhere" in
-                 log_since(env.sg.error_log, mark),
+                 env.sg.log_since(mark),
                  timeout=10, interval=0.1)
         got = env.get(domain)["fetched_at"]
         assert got != first["policy"]["fetched_at"]
