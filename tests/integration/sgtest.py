@@ -256,6 +256,22 @@ def finish_sg(inst):
     inst.cleanup()
 
 
+def lock_waiters(pg, statement=""):
+    """How many other PostgreSQL backends wait for a lock now, running a
+    query that contains statement (e.g. sg's commit behind a test's LOCK
+    TABLE)."""
+    conn = pg.connect()             # autocommit: a fresh view each time
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE %s AND pid <> pg_backend_pid()",
+                        ("%" + statement + "%",))
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
 def api(inst, method, path, json=None, token=..., data=None, headers=None,
         timeout=10, **kw):
     """Request to the admin API over HTTPS (certificate not verified).

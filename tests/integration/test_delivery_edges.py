@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peers import (PostfixMX, SmtpSink, _Drop, mail_text,  # noqa: E402,F401
                    peer_ca, send_via_smtp, wait_for)
 import sgtest  # noqa: E402
-from sgtest import api, finish_sg  # noqa: E402
+from sgtest import api, finish_sg, lock_waiters  # noqa: E402
 from test_delivery import (dsn_parts, dsns_for, entry,  # noqa: E402
                            list_change, send, settings, states, unique,
                            wait_entry, wait_final, world_up)
@@ -790,19 +790,8 @@ def test_a_claim_that_lapsed_in_an_outage_is_not_sent_by_its_worker(W):
         sink.stop()
 
 
-def results_statements_waiting_on_a_lock(pg):
-    """sg's results statements (they insert the attempt rows) that wait
-    for a lock now."""
-    conn = pg.connect()             # autocommit: a fresh view each time
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity"
-                        " WHERE wait_event_type = 'Lock'"
-                        " AND query LIKE '%INSERT INTO delivery_attempts%'"
-                        " AND pid <> pg_backend_pid()")
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
+# sg's results statement (it inserts the attempt rows)
+RESULTS = "INSERT INTO delivery_attempts"
 
 
 def attempt_logged(inst, qid, result):
@@ -862,7 +851,7 @@ def test_results_batch_refused_is_recorded_job_by_job(W):
         assert gate.reached.wait(20)
         gate.open()
         first_sink.wait_messages(1, timeout=20)
-        wait_for(lambda: results_statements_waiting_on_a_lock(W.pg) >= 1,
+        wait_for(lambda: lock_waiters(W.pg, RESULTS) >= 1,
                  timeout=20, message="the first results statement waits")
         qids = [send(W, r) for r in rcpts]
         bad_ids = qids[1:3]
@@ -873,7 +862,7 @@ def test_results_batch_refused_is_recorded_job_by_job(W):
         wait_for(lambda: all(attempt_logged(W.inst, qid, "delivered")
                              for qid in qids),
                  timeout=20, message="the five attempts logged")
-        assert results_statements_waiting_on_a_lock(W.pg) >= 1
+        assert lock_waiters(W.pg, RESULTS) >= 1
         conn.commit()
         e1 = wait_final(W, q1)
         assert states(e1) == {"first@" + d1: "delivered"}

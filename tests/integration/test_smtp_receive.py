@@ -24,7 +24,8 @@ import uuid
 import pytest
 import psycopg2.extras
 
-from sgtest import api, read_reply, smtp_dialog
+from peers import wait_for
+from sgtest import api, lock_waiters, read_reply, smtp_dialog
 
 DOMAIN = "recv.test"
 RCPT = "user@" + DOMAIN
@@ -1223,24 +1224,6 @@ def test_no_250_without_queued_message_across_restart(sg_instance,
     assert {f["id"]: f["n"] for f in found} == {q: 2 for q in ok}
 
 
-def wait_lock_waiter(pg, timeout=15):
-    """Wait until a PostgreSQL backend (sg's commit) waits for a lock."""
-    deadline = time.monotonic() + timeout
-    conn = pg.connect()
-    conn.autocommit = True
-    try:
-        while time.monotonic() < deadline:
-            with conn.cursor() as cur:
-                cur.execute("SELECT count(*) FROM pg_stat_activity"
-                            " WHERE wait_event_type = 'Lock'")
-                if cur.fetchone()[0] > 0:
-                    return
-            time.sleep(0.02)
-    finally:
-        conn.close()
-    raise AssertionError("no backend waits for a lock after %d s" % timeout)
-
-
 def test_group_commit_one_bad_message(sg_instance, local_domain, pg):
     """Messages ready while a commit runs are committed together; each is
     still answered 250 only once it is in the queue. One message the
@@ -1277,7 +1260,8 @@ def test_group_commit_one_bad_message(sg_instance, local_domain, pg):
         for i, s in enumerate(sessions):
             s.send(b"Subject: batch %d\r\n\r\nbody %d\r\n.\r\n" % (i, i))
             if i == 0:
-                wait_lock_waiter(pg)
+                wait_for(lambda: lock_waiters(pg) > 0,
+                         timeout=15, message="no commit waits for the lock")
         # the worker reads the other six while the first commit waits (no
         # event to wait for: a second is plenty, and too short a wait
         # would show as a batch of fewer than six, not as a pass)
