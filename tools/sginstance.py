@@ -150,10 +150,15 @@ def stop_pid(pid, sig, timeout=30, proc=None):
     except ProcessLookupError:
         return False
     if not _wait_gone(pid, timeout, proc):
+        # the whole process group where pid leads one (servers started in
+        # their own session): nginx's workers, not only its master
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
-            pass
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         _wait_gone(pid, 10, proc)
     return True
 
@@ -223,11 +228,21 @@ def wait_tcp(host, port, timeout=30, alive=None):
     return False
 
 
+_ports_given = set()
+
+
 def free_port(host="127.0.0.1"):
-    """A TCP port on host that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port on host that was free a moment ago, never one this
+    process handed out before: the kernel may draw a closed port again, and
+    a caller may not have bound the first one yet (or may count on nobody
+    listening there)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def tail(path, lines=30):

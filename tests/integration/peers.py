@@ -92,12 +92,6 @@ def wait_for(predicate, timeout=10.0, interval=0.02, message=None):
         time.sleep(interval)
 
 
-def free_port(host="127.0.0.1"):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 _loopback_lock = threading.Lock()
 _loopback_next = [10 + os.getpid() % 200]
 

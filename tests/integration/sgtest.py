@@ -113,15 +113,10 @@ class SgInstance:
             pg.conninfo, self.cert_pem, self.key_pem, hostname, activate=True)
         self.token = create_token(pg.conninfo, "test-admin", "admin")
 
-        # three different ports: the kernel may hand out a closed one again
-        # (drawing only the last one again loops forever when the first two
-        # are equal)
-        while True:
-            self.smtp_port = free_port()
-            self.admin_port = free_port()
-            self.http_port = free_port()
-            if len({self.smtp_port, self.admin_port, self.http_port}) == 3:
-                break
+        # free_port() never hands out the same port twice
+        self.smtp_port = free_port()
+        self.admin_port = free_port()
+        self.http_port = free_port()
         self.base_url = "https://127.0.0.1:%d" % self.admin_port
         self.http_url = "http://127.0.0.1:%d" % self.http_port
         self.conf = os.path.join(self.dir, "nginx.conf")

@@ -15,13 +15,12 @@ import datetime
 import json
 import re
 import select
-import socket
 import time
 
 import pytest
 import psycopg2.extras
 
-from sgtest import api, create_token, smtp_dialog
+from sgtest import api, create_token, free_port, smtp_dialog
 
 REQ = "/api/v1/starttls/required"
 WL = "/api/v1/starttls/whitelist"
@@ -611,9 +610,7 @@ def test_tls_failures_redis_down_is_503(inst, pg, redis_srv, rds):
 @pytest.fixture(scope="module")
 def local_domain(pg):
     """DOMAIN, delivered to a loopback port nobody listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()          # never handed to a server later
     conn = pg.connect()
     with conn.cursor() as cur:
         cur.execute("DELETE FROM domains WHERE name = %s", (DOMAIN,))

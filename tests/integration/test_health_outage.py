@@ -270,7 +270,16 @@ def _sg_backends(pg, app):
 def test_postgres_pool_size(sg_instance, pg):
     """Issue 2, item 3: a small pool per worker (sg_postgres_pool) plus one
     connection that only LISTENs."""
-    before = _sg_backends(pg, "sg"), _sg_backends(pg, "sg-listen")
+    # the last test's instance has stopped, but its backends may still be
+    # leaving pg_stat_activity: count once the numbers hold for a second
+    before = None
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        now = _sg_backends(pg, "sg"), _sg_backends(pg, "sg-listen")
+        if now == before:
+            break
+        before = now
+        time.sleep(1)
     inst = sg_instance(workers=2, extra_main="sg_postgres_pool 3;")
     poll_health(inst, lambda r: r.status_code == 200)
     deadline = time.monotonic() + WAIT

@@ -315,7 +315,7 @@ class Daemon:
 
     def __init__(self, env, cache="internal"):
         self.dir = sgtest.make_tmp("sgstsd-")
-        self.port = _free_port()
+        self.port = sgtest.free_port()
         cfg = os.path.join(self.dir, "mta-sts-daemon.yml")
         with open(cfg, "w") as f:
             f.write("host: 127.0.0.1\nport: %d\n"
@@ -353,12 +353,6 @@ class Daemon:
                 self.proc.wait(10)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def postfix_view_of_sg(body):

@@ -1260,7 +1260,7 @@ def test_group_commit_one_bad_message(sg_instance, local_domain, pg):
         for i, s in enumerate(sessions):
             s.send(b"Subject: batch %d\r\n\r\nbody %d\r\n.\r\n" % (i, i))
             if i == 0:
-                wait_for(lambda: lock_waiters(pg) > 0,
+                wait_for(lambda: lock_waiters(pg, "INSERT INTO messages") > 0,
                          timeout=15, message="no commit waits for the lock")
         # the worker reads the other six while the first commit waits (no
         # event to wait for: a second is plenty, and too short a wait

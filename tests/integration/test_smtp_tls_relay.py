@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from dnsserver import dns_query, free_udp_tcp_port
 from sgtest import (api, create_token, free_port, make_self_signed,
                     read_reply, store_certificate)
 
@@ -493,7 +494,7 @@ def test_whitelist_other_address_not_affected(inst):
 def dnsmasq(sg_tmp):
     exe = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
     assert os.path.exists(exe), "dnsmasq (dnsmasq-base) is not installed"
-    port = free_port()
+    port = free_udp_tcp_port()
     p = subprocess.Popen(
         [exe, "--no-daemon", "--port=%d" % port, "--listen-address=127.0.0.1",
          "--bind-interfaces", "--no-resolv", "--no-hosts",
@@ -509,7 +510,8 @@ def dnsmasq(sg_tmp):
          "--host-record=client.whitelisted.test,127.0.0.1",
          "--host-record=other.example.test,127.0.0.3"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    time.sleep(0.3)
+    wait_for(lambda: p.poll() is not None or dns_query(
+        "127.0.0.1", port, "client.whitelisted.test") is not None)
     assert p.poll() is None, "dnsmasq does not start: %s" % p.stdout.read()
     yield port
     p.terminate()
