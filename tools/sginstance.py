@@ -228,7 +228,7 @@ def wait_tcp(host, port, timeout=30, alive=None):
     return False
 
 
-_ports_given = set()
+PORTS_GIVEN = set()      # by free_port() and dnsserver.free_udp_tcp_port()
 
 
 def free_port(host="127.0.0.1"):
@@ -240,8 +240,8 @@ def free_port(host="127.0.0.1"):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-        if port not in _ports_given:
-            _ports_given.add(port)
+        if port not in PORTS_GIVEN:
+            PORTS_GIVEN.add(port)
             return port
 
 

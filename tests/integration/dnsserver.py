@@ -49,6 +49,8 @@ import tempfile
 import threading
 import time
 
+import sginstance    # tools/, on sys.path through sgtest
+
 DNSMASQ = "/usr/sbin/dnsmasq"
 KEEP_TMP = bool(os.environ.get("SG_KEEP_TMP"))
 
@@ -62,16 +64,20 @@ def _stop_all():
 
 
 def free_udp_tcp_port(host="127.0.0.1"):
-    """A port free for both UDP and TCP on host a moment ago."""
+    """A port free for both UDP and TCP on host a moment ago, never one
+    sginstance.free_port() handed out before (nor the other way round)."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             u.bind((host, 0))
             port = u.getsockname()[1]
+            if port in sginstance.PORTS_GIVEN:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
                 try:
                     t.bind((host, port))
                 except OSError:
                     continue
+                sginstance.PORTS_GIVEN.add(port)
                 return port
     raise OSError("no free port on %s" % host)
 

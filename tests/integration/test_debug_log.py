@@ -26,12 +26,14 @@ def test_debug_logging_instance(sg_instance):
         assert [c for c, _ in r] == [220, 250, 250, 250, 500, 221]
         # the change reaches the workers, still alive
         version = int(p.headers["ETag"].strip('"'))
-        deadline = time.monotonic() + 5
+        # 20 s: under the 30 s settings poll, so only NOTIFY passes
+        deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             h = api(inst, "GET", "/api/v1/health", token=None,
                     headers={"Connection": "close"}).json()
             if h["worker"]["settings_version"] >= version:
                 break
+            time.sleep(0.1)
         assert h["worker"]["settings_version"] >= version
         with open(inst.error_log, errors="replace") as f:
             log = f.read()

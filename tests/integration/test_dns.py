@@ -15,6 +15,7 @@ import pytest
 
 import dnsserver
 import sgtest
+from peers import wait_for
 from sgtest import api, create_token, make_tmp, remove_tmp
 
 RECORDS = {
@@ -342,11 +343,10 @@ def test_dead_resolver_port(sg_instance):
     itself (SERVFAIL) before sg's 30 s timer; a temporary failure."""
     port = dnsserver.free_udp_tcp_port()
     inst = sg_instance(resolver="127.0.0.1:%d" % port)
-    t = time.monotonic()
     b = resolve(inst, "order.test", http_timeout=60)
-    assert time.monotonic() - t < 40
     assert b["status"] == "tempfail", b
     assert b["reason"].startswith("MX lookup for order.test: ")
+    assert "no answer within" not in b["reason"], b     # not sg's timer
 
 
 def test_raw_queries(sgd):
@@ -402,18 +402,19 @@ def test_fast_stop_with_lookups_running(sg_instance):
         threads = [threading.Thread(target=slow) for _ in range(3)]
         for t in threads:
             t.start()
-        time.sleep(1)
+        # a lookup is pending (libunbound may merge the three queries)
+        wait_for(lambda: silent.received >= 1, timeout=15)
         workers = sgtest.descendants(inst.nginx.pid)
-        t0 = time.monotonic()
         os.kill(inst.nginx.pid, signal.SIGTERM)
-        for t in threads:
-            t.join(30)
-        deadline = time.monotonic() + 10
+        # a worker waiting for its lookups would live until sg's 30 s
+        # resolve timer
+        deadline = time.monotonic() + 15
         while any(sgtest.sginstance.pid_alive(w) for w in workers) \
                 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(sgtest.sginstance.pid_alive(w) for w in workers)
-        assert time.monotonic() - t0 < 5
+        for t in threads:
+            t.join(30)
         assert len(errors) == 3
 
 

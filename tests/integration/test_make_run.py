@@ -239,7 +239,7 @@ _UNHEALTHY_SCRIPT = r"""
 import os, sys
 sys.path.insert(0, os.path.join(sys.argv[1], "tools"))
 import sginstance
-sginstance.HEALTH_TIMEOUT = 3
+sginstance.HEALTH_TIMEOUT = 10
 sginstance.Redis.start = lambda self, timeout=30: None
 sys.exit(sginstance.main(["run"]))
 """

@@ -91,7 +91,8 @@ def fetch_verified(inst, host, cafile):
         conn.close()
 
 
-def wait_for(fn, what, timeout=5.0):
+def wait_for(fn, what, timeout=20.0):
+    # 20 s: under the 30 s settings and lists poll, so only NOTIFY passes
     """fn() until it returns something true; that value."""
     deadline = time.monotonic() + timeout
     while True:

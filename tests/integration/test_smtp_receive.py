@@ -726,8 +726,9 @@ def test_max_errors(make):
 
 def test_command_timeout(make):
     """RFC 5321 4.5.3.2.7 (server timeout; sg_smtp_command_timeout): an idle
-    client in a session gets 421 4.4.2 and the connection closes."""
-    inst = make("sg_smtp_command_timeout 1s;")
+    client in a session gets 421 4.4.2 and the connection closes. 3 s:
+    the EHLO and MAIL must each come within it."""
+    inst = make("sg_smtp_command_timeout 3s;")
     with Session(inst.smtp_port) as s:
         assert s.cmd("EHLO c.example")[0] == 250
         assert s.cmd("MAIL FROM:<a@b.example>")[0] == 250
@@ -798,8 +799,9 @@ def test_nul_in_command(srv, line):
 def test_early_talker(make):
     """RFC 5321 3.1/4.3.1: the client waits for the greeting; with
     sg_smtp_greeting_delay, one that talks first gets 554 5.5.1 (and no
-    greeting) and the connection closes."""
-    inst = make("sg_smtp_greeting_delay 500ms;")
+    greeting) and the connection closes. A long delay: the EHLO must
+    arrive within it (sg answers as soon as input arrives)."""
+    inst = make("sg_smtp_greeting_delay 10s;")
     with Session(inst.smtp_port, greeting=False) as s:
         s.send("EHLO early.example")
         r = s.reply()
@@ -1262,10 +1264,12 @@ def test_group_commit_one_bad_message(sg_instance, local_domain, pg):
             if i == 0:
                 wait_for(lambda: lock_waiters(pg, "INSERT INTO messages") > 0,
                          timeout=15, message="no commit waits for the lock")
-        # the worker reads the other six while the first commit waits (no
-        # event to wait for: a second is plenty, and too short a wait
-        # would show as a batch of fewer than six, not as a pass)
-        time.sleep(1.0)
+        # the worker reads the other six while the first commit waits:
+        # nothing is left unread on its side of the seven connections
+        wait_for(lambda: unread_on_server(
+                     inst.smtp_port,
+                     [s.sock.getsockname()[1] for s in sessions]) == 0,
+                 timeout=15, message="sg does not read the other messages")
         lock.rollback()
         replies = [s.reply() for s in sessions]
     finally:
@@ -1289,6 +1293,22 @@ def test_group_commit_one_bad_message(sg_instance, local_domain, pg):
         text = f.read()
     assert re.search(r"cannot queue 6 messages together: .*trying each alone",
                      text, re.S), text[-2000:]
+
+
+def unread_on_server(port, client_ports):
+    """Bytes sent by these loopback clients that the server listening on
+    port has not read yet (from /proc/net/tcp); None while a connection is
+    not seen."""
+    want = {("0100007F:%04X" % port, "0100007F:%04X" % c)
+            for c in client_ports}
+    total, seen = 0, 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if (parts[1], parts[2]) in want:
+                seen += 1
+                total += int(parts[4].split(":")[1], 16)
+    return total if seen == len(want) else None
 
 
 def test_message_pipelined_with_data_command(srv, pg):
