@@ -153,12 +153,12 @@ def stop_pid(pid, sig, timeout=30, proc=None):
         # the whole process group where pid leads one (servers started in
         # their own session): nginx's workers, not only its master
         try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            try:
+            if os.getpgid(pid) == pid != os.getpgrp():
+                os.killpg(pid, signal.SIGKILL)
+            else:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        except ProcessLookupError:
+            pass
         _wait_gone(pid, 10, proc)
     return True
 

@@ -243,9 +243,14 @@ http {
                 text = f.read()
         except OSError:
             return set()
-        started = set(re.findall(r"start worker process (\d+)", text))
-        gone = set(re.findall(r"worker process (\d+) exited", text))
-        return started - gone
+        live = set()                    # in order: a pid may be reused
+        for m in re.finditer(r"start worker process (\d+)"
+                             r"|worker process (\d+) exited", text):
+            if m.group(1):
+                live.add(m.group(1))
+            else:
+                live.discard(m.group(2))
+        return live
 
     def stop(self):
         p, self.proc = self.proc, None

@@ -81,8 +81,10 @@ class World:
             assert r.status_code in (201, 409), r.text
             yield other
         finally:
-            finish_sg(other)
-            self.inst = self.start()
+            try:
+                finish_sg(other)
+            finally:
+                self.inst = self.start()
 
     def mx(self, domain, *hosts):
         """hosts: (name, address or [addresses], preference)."""

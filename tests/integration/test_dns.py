@@ -406,8 +406,8 @@ def test_fast_stop_with_lookups_running(sg_instance):
         wait_for(lambda: silent.received >= 1, timeout=15)
         workers = sgtest.descendants(inst.nginx.pid)
         os.kill(inst.nginx.pid, signal.SIGTERM)
-        # a worker waiting for its lookups would live until sg's 30 s
-        # resolve timer
+        # a worker waiting for its lookups would outlive the master's
+        # SIGKILL grace and show "exited on signal 9" at teardown
         deadline = time.monotonic() + 15
         while any(sgtest.sginstance.pid_alive(w) for w in workers) \
                 and time.monotonic() < deadline:

@@ -92,7 +92,6 @@ def fetch_verified(inst, host, cafile):
 
 
 def wait_for(fn, what, timeout=20.0):
-    # 20 s: under the 30 s settings and lists poll, so only NOTIFY passes
     """fn() until it returns something true; that value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -135,8 +134,11 @@ def dns():
 
 @pytest.fixture(scope="module")
 def sgm(dns, pg, redis_srv, module_so):
+    # settings and lists polled hourly: only NOTIFY brings a change within
+    # wait_for's window
     inst = sgtest.start_sg(pg, redis_srv, resolver=dns.address,
-                           hostname=SELF)
+                           hostname=SELF,
+                           extra_main="sg_settings_poll 1h;\n")
     yield inst
     sgtest.finish_sg(inst)
 

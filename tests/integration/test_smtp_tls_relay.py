@@ -958,7 +958,7 @@ def test_bad_rule_does_not_freeze_lists(inst):
     add_domain(inst.pg, "after-bad-rule.test")
     ok = wait_for(lambda: rcpt_reply(inst.smtp_port,
                                      "u@after-bad-rule.test")[0] == 250,
-                  timeout=20)       # under the 30 s lists poll
+                  timeout=20)
     assert ok, "the new domain never became local"
 
 
