@@ -241,6 +241,9 @@ sg_lists_reload(void)
     {
         sg_lists_inflight = 1;
         sg_lists_again = 0;
+
+        ngx_log_debug0(NGX_LOG_DEBUG_CORE, sg_lists_log, 0,
+                       "sg: lists query sent");
     }
 }
 

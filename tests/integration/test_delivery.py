@@ -9,7 +9,6 @@ an sg instance that delivers (sg_delivery_port 25: MX hosts are sinks on
 Every test uses its own domains, so DNS answers cached by sg never mix.
 """
 
-import collections
 import contextlib
 import email
 import email.policy
@@ -204,40 +203,39 @@ def states(e):
     return {r["address"]: r["state"] for r in e["recipients"]}
 
 
-# "<pid>#<tid>: sg: lists loaded" (info, a worker's first load) and
-# "... lists reloaded" (debug, each load after a NOTIFY sg_lists or the poll)
-_LISTS_LOAD = re.compile(r" (\d+)#\d+: (?:\*\d+ )?sg: lists (?:re)?loaded")
-
-
-def lists_loads(inst):
-    """Loads of the lists so far, by worker pid (reloads are debug lines:
-    the World's sg logs at debug level)."""
-    counts = collections.Counter()
-    with open(inst.error_log, errors="replace") as f:
-        for line in f:
-            m = _LISTS_LOAD.search(line)
-            if m:
-                counts[m.group(1)] += 1
-    return counts
+_LISTS_EVENT = re.compile(r" (\d+)#\d+: (?:\*\d+ )?sg: lists"
+                          r" (query sent|reloaded)")
 
 
 @contextlib.contextmanager
 def list_change(inst, timeout=10):
     """Every worker of inst has loaded its lists again after the change made
-    in the block (the table's trigger NOTIFYs sg_lists; each worker logs
-    "sg: lists reloaded" once more). Until then a worker may route, or
-    decide TLS for, a message by the lists it had before."""
-    before = lists_loads(inst)
+    in the block. Until then a worker may route, or decide TLS for, a
+    message by the lists it had before. A load already under way when the
+    block committed may have read the lists before the change, so the
+    test NOTIFYs sg_lists once more after the block and waits, in each
+    worker, for a query sent after that and its "lists reloaded" (a
+    worker with a load under way sends another when it ends)."""
     yield
+    mark = inst.log_mark()
+    conn = inst.pg.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("NOTIFY sg_lists, 'test'")
+    finally:
+        conn.close()
 
-    def every_worker_reloaded():
-        now = lists_loads(inst)
-        return sum(1 for pid, n in now.items()
-                   if n > before[pid]) >= inst.workers
-    wait_for(every_worker_reloaded, timeout=timeout,
-             message=lambda: "every worker (%d) loads its lists: %r before,"
-             " %r now" % (inst.workers, dict(before),
-                          dict(lists_loads(inst))))
+    def reloaded_since_mark():
+        sent, done = set(), set()
+        for m in _LISTS_EVENT.finditer(inst.log_since(mark)):
+            if m.group(2) == "query sent":
+                sent.add(m.group(1))
+            elif m.group(1) in sent:
+                done.add(m.group(1))
+        return len(done) >= inst.workers
+    wait_for(reloaded_since_mark, timeout=timeout,
+             message=lambda: "every worker (%d) loads its lists:\n%s"
+             % (inst.workers, inst.log_since(mark)[-3000:]))
 
 
 def dsns_for(w, qid, n=1, timeout=30):
