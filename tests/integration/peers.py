@@ -127,17 +127,33 @@ def loopback_host(port=25):
 def _listening(host, port):
     """True when something LISTENs on host:port (read from /proc/net/tcp,
     so the check itself makes no connection)."""
-    want = "%s:%04X" % ("".join("%02X" % int(b) for b in reversed(host.split("."))),
-                        port)
+    want = proc_tcp_address(host, port)
+    return any(s["local"] == want and s["state"] == "0A"
+               for s in proc_tcp_sockets())
+
+
+def proc_tcp_address(host, port):
+    """host:port (IPv4) as /proc/net/tcp writes it."""
+    return "%s:%04X" % ("".join("%02X" % int(b)
+                                for b in reversed(host.split("."))), port)
+
+
+def proc_tcp_sockets():
+    """The IPv4 TCP sockets of /proc/net/tcp: dicts with local, remote
+    (as proc_tcp_address writes them), state (hex, "0A" for LISTEN) and
+    rx_queue (bytes received and not read yet)."""
     try:
         with open("/proc/net/tcp") as f:
-            for line in f.readlines()[1:]:
-                parts = line.split()
-                if parts[1] == want and parts[3] == "0A":
-                    return True
+            lines = f.readlines()[1:]
     except OSError:
-        pass
-    return False
+        return []
+    sockets = []
+    for line in lines:
+        parts = line.split()
+        sockets.append({"local": parts[1], "remote": parts[2],
+                        "state": parts[3],
+                        "rx_queue": int(parts[4].split(":")[1], 16)})
+    return sockets
 
 
 _live = set()

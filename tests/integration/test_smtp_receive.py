@@ -24,7 +24,7 @@ import uuid
 import pytest
 import psycopg2.extras
 
-from peers import wait_for
+from peers import proc_tcp_address, proc_tcp_sockets, wait_for
 from sgtest import api, lock_waiters, read_reply, smtp_dialog
 
 DOMAIN = "recv.test"
@@ -1299,16 +1299,13 @@ def unread_on_server(port, client_ports):
     """Bytes sent by these loopback clients that the server listening on
     port has not read yet (from /proc/net/tcp); None while a connection is
     not seen."""
-    want = {("0100007F:%04X" % port, "0100007F:%04X" % c)
-            for c in client_ports}
-    total, seen = 0, 0
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            parts = line.split()
-            if (parts[1], parts[2]) in want:
-                seen += 1
-                total += int(parts[4].split(":")[1], 16)
-    return total if seen == len(want) else None
+    want = {(proc_tcp_address("127.0.0.1", port),
+             proc_tcp_address("127.0.0.1", c)) for c in client_ports}
+    mine = [s for s in proc_tcp_sockets()
+            if (s["local"], s["remote"]) in want]
+    if len(mine) != len(want):
+        return None
+    return sum(s["rx_queue"] for s in mine)
 
 
 def test_message_pipelined_with_data_command(srv, pg):
